@@ -1,0 +1,103 @@
+"""The engine: roles loaded once, methods run over batches of prompts, output rows out.
+
+`Engine.local(config)` loads every model in this process; pipeline/ builds the same Engine over
+Ray actors by passing its own `roles` client. Either way the search code is ivg/search.py.
+"""
+
+import time
+
+from ivg.config import ConfigError, GenerationConfig, MethodConfig
+from ivg.models import load, load_tokenizer, same_vocab
+from ivg.sampling import Stopper
+from ivg.search import search
+from ivg.values import BaseRole, ExplicitRole, ImplicitRole
+
+
+class LocalRoles:
+    """Roles in this process; `call` runs one method per role, one after another."""
+
+    def __init__(self, roles: dict):
+        self.roles = roles
+
+    def call(self, calls: dict) -> dict:
+        return {name: getattr(self.roles[name], method)(*args) for name, (method, args) in calls.items()}
+
+
+def check_vocabularies(config: GenerationConfig, tokenizers: dict) -> None:
+    """Token-wise guidance adds value vectors to the base logits: refuse mismatched vocabularies."""
+    for i, m in enumerate(config.methods):
+        if m.token == "none":
+            continue
+        guides = ("tuned", "untuned") if m.token == "implicit" else ("explicit",)
+        for role in guides:
+            if not same_vocab(tokenizers["base"], tokenizers[role]):
+                raise ConfigError(
+                    f"methods[{i}].token: token-wise {m.token} guidance needs models.{role} to share the "
+                    f"base's vocabulary ({config.models.base.name} vs {getattr(config.models, role).name}); "
+                    "use chunk-level guidance for models with different tokenizers")
+
+
+def load_roles(config: GenerationConfig, base_tokenizer) -> dict:
+    roles = {"base": BaseRole([load(config.models.base)], base_tokenizer)}
+    needed = {m.token for m in config.methods} | {m.chunk for m in config.methods}
+    if "implicit" in needed:
+        roles["implicit"] = ImplicitRole(load(config.models.tuned), load(config.models.untuned), base_tokenizer)
+    if "explicit" in needed:
+        roles["explicit"] = ExplicitRole(load(config.models.explicit), base_tokenizer)
+    return roles
+
+
+def eos_ids(base_tokenizer, base_generation_config=None) -> set[int]:
+    ids = {base_tokenizer.eos_token_id} - {None}
+    extra = getattr(base_generation_config, "eos_token_id", None)
+    ids |= set(extra if isinstance(extra, list) else [extra]) - {None}
+    return ids
+
+
+class Engine:
+    def __init__(self, config: GenerationConfig, roles, tokenizer, eos: set[int]):
+        self.config, self.roles, self.tokenizer = config, roles, tokenizer
+        self.stopper = Stopper(tokenizer, config.decode, eos)
+
+    @classmethod
+    def local(cls, config: GenerationConfig) -> "Engine":
+        tokenizers = {r: load_tokenizer(getattr(config.models, r))
+                      for r in ("base", "tuned", "untuned", "explicit") if getattr(config.models, r)}
+        check_vocabularies(config, tokenizers)
+        roles = load_roles(config, tokenizers["base"])
+        base = roles["base"].models[0]
+        return cls(config, LocalRoles(roles), base.tokenizer,
+                   eos_ids(base.tokenizer, getattr(base.model, "generation_config", None)))
+
+    def run(self, rows: list[dict], method: MethodConfig) -> list[dict]:
+        """Rows with `id` and `prompt` in, one output row per prompt out, in the same order.
+
+        A prompt that a model cannot take becomes a `failed` row with its reason; the others run."""
+        prompts = [r["prompt"] for r in rows]
+        used = {"base"} | {g for g in (method.token, method.chunk) if g != "none"}
+        checks = self.roles.call({r: ("check", (prompts, self.config.decode.max_new_tokens)) for r in used})
+        errors = [next((f"{r}: {c[i]}" for r, c in sorted(checks.items()) if c[i]), None) for i in range(len(rows))]
+        ok = [i for i, e in enumerate(errors) if e is None]
+        start = time.perf_counter()
+        outputs = search([str(rows[i]["id"]) for i in ok], [prompts[i] for i in ok], method,
+                         self.config.decode, self.roles, self.stopper, self.config.seed) if ok else []
+        wall = (time.perf_counter() - start) / max(len(ok), 1)  # the batch's time, shared equally
+        by_row = dict(zip(ok, outputs))
+        return [self._row(rows[i], method, by_row.get(i), errors[i], wall) for i in range(len(rows))]
+
+    def _row(self, row: dict, method: MethodConfig, out, error: str | None, wall: float) -> dict:
+        return {
+            "id": str(row["id"]), "prompt": row["prompt"],
+            "response": out.response if out else None,
+            "method": method.label, "token": method.token, "chunk": method.chunk,
+            "W": method.W, "K": method.K, "L": method.L,
+            "beta_token": method.beta_token, "beta_chunk": method.beta_chunk,
+            "seed": self.config.seed,
+            "n_new_tokens": len(out.tokens) if out else 0,
+            "model_tokens": out.model_tokens if out else {},
+            "wall_s": wall if out else 0.0,
+            "score": out.score if out else None,
+            "chunk_scores": out.chunk_scores if out else [],
+            "status": "ok" if out else "failed",
+            "error": error,
+        }

@@ -1,0 +1,98 @@
+"""Loading models and tokenizers, and turning a prompt into a model's own prompt tokens.
+
+A name is a hub id, a local folder, a `.gguf` file, `asset:<name>` (fetched by `python -m jobs.assets`),
+or a tiny random model (`tiny:<x>`, see ivg/tiny.py). `trust_remote_code` stays off unless the spec
+sets it; safetensors are preferred and pickle checkpoints are refused unless `allow_pickle`.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from ivg.config import ModelSpec
+from ivg.tiny import is_tiny, tiny_model, tiny_tokenizer
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: torch.nn.Module
+    tokenizer: object  # a transformers tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _source(spec: ModelSpec) -> tuple[str, dict]:
+    """Where to load from: (name or folder, from_pretrained kwargs)."""
+    name, gguf_file = spec.name, spec.gguf_file
+    if name.startswith("asset:"):
+        from ivg.assets import resolve  # lazy: only asset names need the asset layer
+
+        name = str(resolve(name.removeprefix("asset:")))
+    if name.endswith(".gguf") and Path(name).is_file():
+        name, gguf_file = str(Path(name).parent), Path(name).name
+    kwargs = dict(trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    return name, kwargs
+
+
+def load_tokenizer(spec: ModelSpec):
+    """Just the tokenizer: enough to validate vocabularies before any weights are loaded."""
+    if is_tiny(spec.name):
+        return tiny_tokenizer(spec.name.split(":", 1)[0])
+    name, kwargs = _source(spec)
+    tok = AutoTokenizer.from_pretrained(name, **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(spec: ModelSpec, allow_pickle: bool = False) -> LoadedModel:
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if is_tiny(spec.name):
+        model, tok = tiny_model(spec.name, spec.kind, dtype=dtype)
+        return LoadedModel(spec, model.to(device), tok)
+    name, kwargs = _source(spec)
+    cls = AutoModelForSequenceClassification if spec.kind == "classifier" else AutoModelForCausalLM
+    # GGUF is not a pickle; otherwise demand safetensors unless pickles are explicitly allowed.
+    safetensors = None if ("gguf_file" in kwargs or allow_pickle) else True
+    model = cls.from_pretrained(name, dtype=dtype, use_safetensors=safetensors, **kwargs)
+    return LoadedModel(spec, model.to(device).eval(), load_tokenizer(spec))
+
+
+def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:
+    """The model's own view of a prompt: its template applied, then tokenized."""
+    tok, template = loaded.tokenizer, loaded.spec.template
+    if template == "chat":
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False).input_ids
+    else:
+        ids = tok(template.format(prompt=prompt) if template else prompt).input_ids
+    if not ids:
+        raise ValueError("prompt is empty after templating and tokenization")
+    return ids
+
+
+def same_vocab(a, b) -> bool:
+    """Token-wise guidance adds vectors over the vocabulary: ids must mean the same tokens."""
+    return a is b or a.get_vocab() == b.get_vocab()
+

@@ -1,0 +1,69 @@
+"""Turning guided logits into tokens, deterministically per prompt, and deciding when rows stop.
+
+Order of logits processing (as in HF generation): guided logits z -> temperature -> top-k -> top-p
+-> softmax -> inverse-CDF sample with one uniform per row. Each prompt owns a generator seeded by
+(run seed, prompt id) and draws its rows' uniforms in row order, so a prompt's output does not
+depend on which other prompts share its batch.
+"""
+
+import hashlib
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from ivg.config import DecodeConfig
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def prompt_generator(seed: int, prompt_id: str) -> torch.Generator:
+    return torch.Generator().manual_seed(prompt_seed(seed, prompt_id))
+
+
+def warpers(decode: DecodeConfig) -> LogitsProcessorList:
+    chain = LogitsProcessorList()
+    if decode.temperature > 0 and decode.temperature != 1.0:
+        chain.append(TemperatureLogitsWarper(decode.temperature))
+    if decode.top_k > 0:
+        chain.append(TopKLogitsWarper(decode.top_k))
+    if decode.top_p < 1.0:
+        chain.append(TopPLogitsWarper(decode.top_p))
+    return chain
+
+
+def sample(z: torch.Tensor, uniforms: torch.Tensor, decode: DecodeConfig) -> torch.Tensor:
+    """z (B, V) guided logits, uniforms (B,) in [0, 1) -> tokens (B,)."""
+    if decode.temperature == 0:
+        return z.argmax(-1)
+    z = warpers(decode)(None, z.float())
+    cdf = torch.softmax(z, -1).double().cumsum(-1)  # float64: stable, batch-independent boundaries
+    u = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)
+
+
+class Stopper:
+    """When a row is done (EOS, a stop string, max_new_tokens) and what its response text is."""
+
+    def __init__(self, tokenizer, decode: DecodeConfig, eos_ids: set[int]):
+        self.tokenizer, self.decode = tokenizer, decode
+        self.eos_ids = eos_ids if decode.stop_at_eos else set()
+        # enough trailing tokens to contain any stop string, even with sub-character tokens
+        self.window = max((len(s) for s in decode.stop), default=0) + 4
+
+    def done(self, tokens: list[int]) -> bool:
+        if len(tokens) >= self.decode.max_new_tokens or (tokens and tokens[-1] in self.eos_ids):
+            return True
+        if self.decode.stop:
+            tail = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=True)
+            return any(s in tail for s in self.decode.stop)
+        return False
+
+    def text(self, tokens: list[int]) -> str:
+        """The response: EOS dropped, cut before the first stop string."""
+        body = tokens[:-1] if tokens and tokens[-1] in self.eos_ids else tokens
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        cuts = [text.find(s) for s in self.decode.stop if s in text]
+        return text[:min(cuts)] if cuts else text

@@ -1,0 +1,270 @@
+"""The three roles a search talks to: the base policy and the two value functions.
+
+Each role serves *sessions* (one per search over a batch of prompts) with one small protocol, so
+the search runs unchanged on models in-process or behind Ray actors (pipeline/ wraps these):
+
+  open(sid, prompts, owners)   prefill each model's own view of the prompts, one row per prompt
+  select(sid, rows)            fork / reorder / drop rows at a chunk boundary
+  next(sid, new)               feed the newest tokens, return a vector over the vocab per row:
+                                 base: logits; implicit: log pi_t - log pi_u; explicit: Q(s, .)
+  chunk(sid, new, texts)       feed a chunk, return each row's value of its whole response so far:
+                                 implicit: sum of log pi_t - log pi_u over the response tokens;
+                                 explicit: Q of the last token, or a sequence classifier's score
+  close(sid) -> {owner: tokens processed}
+
+A role whose tokenizer differs from the base's scores the decoded `texts` (re-tokenized; only the
+changed tail is encoded again); a role sharing it takes the new token ids directly.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ivg.models import LoadedModel, prompt_ids, same_vocab
+from ivg.stream import Stream
+
+
+def lm_forward(model):
+    def forward(ids, mask, pos, cache, keep_all):
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                     use_cache=True, logits_to_keep=0 if keep_all else 1).logits
+    return forward
+
+
+def body_forward(model):
+    """A causal sequence classifier's body: hidden states, for the head to read at the newest token."""
+    body = model.base_model
+
+    def forward(ids, mask, pos, cache, keep_all):
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                      use_cache=True).last_hidden_state
+        return hidden if keep_all else hidden[:, -1:]
+    return forward
+
+
+def new_token_scores(prev_last: torch.Tensor, out: torch.Tensor, new: list[list[int]]) -> list[list[float]]:
+    """Per row, each new token's entry in the prediction made just before it.
+
+    prev_last (B, V) predicts each row's first new token; out (B, T, V) are the left-padded block's
+    outputs, so out[:, j] predicts the token in column j + 1."""
+    B, T = out.shape[:2]
+    block = torch.zeros(B, T, dtype=torch.long)
+    for i, n in enumerate(new):
+        if n:
+            block[i, T - len(n):] = torch.tensor(n)
+    block = block.to(out.device)
+    inner = out[:, :-1].gather(-1, block[:, 1:, None]).squeeze(-1).float().cpu()  # (B, T-1)
+    first = prev_last.gather(-1, block[torch.arange(B), [T - max(len(n), 1) for n in new]][:, None])
+    first = first.squeeze(-1).float().cpu()  # (B,)
+    return [[first[i].item()] + inner[i, T - len(n):].tolist() if n else [] for i, n in enumerate(new)]
+
+
+@dataclass
+class Session:
+    streams: list[Stream]  # one per model of the role
+    prompt_len: list[int]  # per row: tokens of the role's own prompt view
+    values: list[list[float]] = field(default_factory=list)  # per row, per response token (implicit)
+    score: list[float] = field(default_factory=list)  # per row: latest prefix value (explicit)
+
+    def select(self, rows: list[int]) -> None:
+        for s in self.streams:
+            s.select(rows)
+        self.prompt_len = [self.prompt_len[r] for r in rows]
+        self.values = [list(self.values[r]) for r in rows] if self.values else []
+        self.score = [self.score[r] for r in rows] if self.score else []
+
+    def tokens(self) -> Counter:
+        return sum((s.tokens for s in self.streams), Counter())
+
+
+class Role:
+    """Sessions of Streams over one or two models that share a tokenizer."""
+
+    def __init__(self, models: list[LoadedModel], base_tokenizer):
+        self.models = models
+        self.tokenizer = models[0].tokenizer
+        self.shares_base_vocab = same_vocab(self.tokenizer, base_tokenizer)
+        self.sessions: dict = {}
+
+    def forward_of(self, loaded: LoadedModel):
+        return lm_forward(loaded.model)
+
+    def open(self, sid: str, prompts: list[str], owners: list) -> None:
+        streams = []
+        for m in self.models:
+            pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+            stream = Stream(self.forward_of(m), pad, m.device, owners)
+            stream.extend([prompt_ids(m, p) for p in prompts])
+            streams.append(stream)
+        self.sessions[sid] = Session(streams, [len(i) for i in streams[0].ids])
+
+    def select(self, sid: str, rows: list[int]) -> None:
+        self.sessions[sid].select(rows)
+
+    def check(self, prompts: list[str], max_new_tokens: int) -> list[str | None]:
+        """Per prompt, why this role cannot take it (None if it can): empty, or too long."""
+        errors = []
+        for p in prompts:
+            try:
+                for m in self.models:
+                    n, limit = len(prompt_ids(m, p)), context_length(m.model.config)
+                    if limit and n + max_new_tokens > limit:
+                        raise ValueError(f"prompt is {n} tokens; with max_new_tokens={max_new_tokens} it "
+                                         f"exceeds the context of {m.spec.name} ({limit} tokens)")
+            except ValueError as e:
+                errors.append(str(e))
+            else:
+                errors.append(None)
+        return errors
+
+    def close(self, sid: str) -> dict:
+        return dict(self.sessions.pop(sid).tokens())
+
+    def feed_chunk(self, session: Session, new, texts, keep_all: bool):
+        """Feed a chunk to every stream: new ids when sharing the base vocab, else the re-tokenized
+        text. Returns, per stream, (previous last outputs, block outputs, suffix fed, re-fed)."""
+        results = []
+        for stream in session.streams:
+            prev = stream.last
+            if self.shares_base_vocab:
+                out = stream.extend(new, keep_all)
+                results.append((prev, out, new, [0] * len(new)))
+            else:
+                enc = self.tokenizer(list(texts), add_special_tokens=False).input_ids
+                target = [ids[:n] + e for ids, n, e in zip(stream.ids, session.prompt_len, enc)]
+                out, suffix, refed = stream.sync(target, keep_all)
+                results.append((prev, out, suffix, refed))
+        return results
+
+
+def context_length(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+class BaseRole(Role):
+    def next(self, sid: str, new: list[list[int]]) -> torch.Tensor:
+        stream = self.sessions[sid].streams[0]
+        stream.extend(new)
+        return stream.last  # (B, V) logits
+
+
+class ImplicitRole(Role):
+    """Implicit value: the log-ratio of a tuned and an untuned LM (e.g. DPO-tuned vs its SFT start)."""
+
+    def __init__(self, tuned: LoadedModel, untuned: LoadedModel, base_tokenizer):
+        if not same_vocab(tuned.tokenizer, untuned.tokenizer):
+            raise ValueError("models.tuned and models.untuned must share a tokenizer: their log-ratio is per token")
+        super().__init__([tuned, untuned], base_tokenizer)
+
+    def next(self, sid: str, new: list[list[int]]) -> torch.Tensor:
+        tuned, untuned = self.sessions[sid].streams
+        tuned.extend(new)
+        untuned.extend(new)
+        return torch.log_softmax(tuned.last.float(), -1) - torch.log_softmax(untuned.last.float(), -1)
+
+    def chunk(self, sid: str, new: list[list[int]], texts: list[str]) -> list[float]:
+        session = self.sessions[sid]
+        if not session.values:
+            session.values = [[] for _ in session.prompt_len]
+        (prev_t, out_t, suffix, refed), (prev_u, out_u, _, _) = self.feed_chunk(session, new, texts, True)
+        if out_t is not None:
+            lp_t = new_token_scores(torch.log_softmax(prev_t.float(), -1), torch.log_softmax(out_t.float(), -1), suffix)
+            lp_u = new_token_scores(torch.log_softmax(prev_u.float(), -1), torch.log_softmax(out_u.float(), -1), suffix)
+            for i, (fed, back) in enumerate(zip(suffix, refed)):
+                # a re-fed token kept its old value; the first score of a re-fed row is discarded
+                kept = len(session.streams[0].ids[i]) - len(fed) - session.prompt_len[i] + back
+                session.values[i] = session.values[i][:kept] + [a - b for a, b in zip(lp_t[i][back:], lp_u[i][back:])]
+        return [sum(v) for v in session.values]
+
+
+class ExplicitRole(Role):
+    """Explicit value: a token reward model (Q(s, .) over the vocab) or a sequence classifier."""
+
+    def __init__(self, loaded: LoadedModel, base_tokenizer):
+        super().__init__([loaded], base_tokenizer)
+        self.kind = loaded.spec.kind
+        # A causal classifier (GPT-2, Llama, ... heads named `score`) can be fed incrementally;
+        # a bidirectional one (BERT-like) must see the whole text each chunk.
+        self.incremental = self.kind == "token_reward" or hasattr(loaded.model, "score")
+        if self.kind == "classifier":
+            self.label_weights = classifier_weights(loaded.model.config, loaded.spec.positive_label)
+
+    def forward_of(self, loaded: LoadedModel):
+        return body_forward(loaded.model) if self.kind == "classifier" else lm_forward(loaded.model)
+
+    def open(self, sid, prompts, owners):
+        if self.incremental:
+            return super().open(sid, prompts, owners)
+        self.sessions[sid] = EncoderSession(list(prompts), list(owners))
+
+    def next(self, sid: str, new: list[list[int]]) -> torch.Tensor:
+        stream = self.sessions[sid].streams[0]
+        stream.extend(new)
+        return stream.last.float()  # (B, V) Q(s, .)
+
+    def chunk(self, sid: str, new: list[list[int]], texts: list[str]) -> list[float]:
+        session = self.sessions[sid]
+        if not self.incremental:
+            return session.score_texts(self, texts)
+        if not session.score:
+            session.score = [0.0] * len(session.prompt_len)
+        [(prev, out, suffix, refed)] = self.feed_chunk(session, new, texts, self.kind == "token_reward")
+        if self.kind == "classifier":
+            session.score = self.classifier_value(session.streams[0].last)
+        elif out is not None:
+            q = new_token_scores(prev.float(), out.float(), suffix)
+            # Q(s_{n-1}, a_n) of the newest token is the value of the whole prefix
+            session.score = [q[i][-1] if len(fed) > back else session.score[i]
+                             for i, (fed, back) in enumerate(zip(suffix, refed))]
+        return list(session.score)
+
+    @torch.inference_mode()
+    def classifier_value(self, hidden: torch.Tensor) -> list[float]:
+        logits = self.models[0].model.score(hidden).float()  # (B, num_labels)
+        return (logits @ self.label_weights.to(logits.device)).cpu().tolist()
+
+
+def classifier_weights(config, positive_label: str | None) -> torch.Tensor:
+    """score = logits @ weights: logit 0 of a scalar RM, or POSITIVE - NEGATIVE of two labels."""
+    n = config.num_labels
+    if n == 1:
+        return torch.ones(1)
+    if n == 2 and positive_label is not None:
+        label2id = {str(k).lower(): v for k, v in config.label2id.items()}
+        if positive_label.lower() not in label2id:
+            raise ValueError(f"positive_label {positive_label!r} is not a label of this classifier: "
+                             f"{sorted(config.label2id)}")
+        weights = -torch.ones(2)
+        weights[label2id[positive_label.lower()]] = 1.0
+        return weights
+    raise ValueError(f"a classifier with {n} labels needs num_labels=1 or 2 labels and positive_label")
+
+
+class EncoderSession:
+    """Chunk scoring with a bidirectional classifier: the whole prompt + response each time."""
+
+    def __init__(self, prompts: list[str], owners: list):
+        self.prompts, self.owners = prompts, owners
+        self.counts = Counter()
+
+    def select(self, rows: list[int]) -> None:
+        self.prompts = [self.prompts[r] for r in rows]
+        self.owners = [self.owners[r] for r in rows]
+
+    def tokens(self) -> Counter:
+        return self.counts
+
+    @torch.inference_mode()
+    def score_texts(self, role: ExplicitRole, texts: list[str]) -> list[float]:
+        loaded = role.models[0]
+        template = loaded.spec.template or "{prompt}"
+        pairs = [template.format(prompt=p) + t for p, t in zip(self.prompts, texts)]
+        enc = loaded.tokenizer(pairs, return_tensors="pt", padding=True, truncation=True).to(loaded.device)
+        for owner, n in zip(self.owners, enc.attention_mask.sum(-1).tolist()):
+            self.counts[owner] += n
+        logits = loaded.model(**enc).logits.float()
+        return (logits @ role.label_weights.to(logits.device)).cpu().tolist()
