@@ -1,0 +1,241 @@
+"""Gold reward scorers: the judges of generated text, kept apart from the values that guide decoding.
+
+One class, `GoldScorer(spec).score(prompts, responses) -> list[float]`, covers four kinds:
+  classifier         any HF sequence classifier; score = logit[positive_label] - logit[negative_label]
+                     (the paper's sentiment gold: lvwerra/distilbert-imdb, POSITIVE - NEGATIVE).
+  scalar             any HF reward model with num_labels=1; score = its single logit.
+  offline_sentiment  a classifier built here from the MiniLM encoder + the rated movie-review snippets
+                     (assets `minilm`, `movie-snippets`), the offline stand-in for distilbert-imdb.
+  vader              VADER's compound score in [-1, 1]: no model, a second opinion.
+The text each scorer sees is `spec.format.format(prompt=..., response=...)`, e.g. "{prompt}TL;DR: {response}".
+
+The offline sentiment model is a linear head (logistic regression) on mean-pooled encoder states. A linear map
+commutes with the mean, so `w · mean_t(h_t) + b == mean_t(w · h_t + b)`: the head is saved as an HF
+*token* classifier and the scorer averages its per-token logits over the attention mask. That keeps it an
+ordinary HF folder (safetensors, no remote code) that the same classifier code loads.
+"""
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
+
+KINDS = ("classifier", "scalar", "offline_sentiment", "vader")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLINE_REPORT = "gold_report.json"  # training numbers, saved beside the offline model's weights
+
+
+@dataclass
+class GoldSpec:
+    name: str  # HF id or folder; offline_sentiment: the folder that holds (or will hold) the model, "auto" = cache
+    kind: str = "classifier"  # one of KINDS
+    positive_label: str = "POSITIVE"  # classifier: looked up in config.id2label
+    negative_label: str = "NEGATIVE"
+    format: str = "{prompt}{response}"  # the text the gold model reads
+    batch_size: int = 32
+    device: str = "cpu"
+    dtype: str = "float32"  # one of DTYPES
+    max_length: int = 512  # tokens; longer texts are truncated (from the right)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"GoldSpec.kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.name:
+            raise ValueError("GoldSpec.name must be a model id or folder (offline_sentiment: 'auto' or a folder)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"GoldSpec.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.batch_size < 1 or self.max_length < 1:
+            raise ValueError(f"GoldSpec.batch_size and max_length must be >= 1, got {self.batch_size}, {self.max_length}")
+        try:
+            self.format.format(prompt="", response="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"GoldSpec.format may only use {{prompt}} and {{response}}: {self.format!r} ({e})") from None
+
+
+class GoldScorer:
+    """Loads the gold model once; `score` is a plain method a Ray actor can wrap."""
+
+    def __init__(self, spec: GoldSpec):
+        self.spec = spec
+        if spec.kind == "vader":
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+            self.vader = SentimentIntensityAnalyzer()
+            return
+        path = ensure_offline_sentiment(_offline_dir(spec.name)) if spec.kind == "offline_sentiment" else spec.name
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = _load_classifier(path, DTYPES[spec.dtype]).to(spec.device).eval()
+        if self.tokenizer.pad_token is None:  # decoder reward models (GPT-2, Llama) often ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # *ForSequenceClassification finds the last token by it
+        self.pick = self._head_reader()
+
+    def _head_reader(self):
+        """(B, C) logits -> (B,) scores, checked against the model's labels once, here."""
+        n, spec = self.model.config.num_labels, self.spec
+        if spec.kind == "scalar":
+            if n != 1:
+                raise ValueError(f"GoldSpec.kind='scalar' needs a num_labels=1 model; {spec.name} has {n} labels")
+            return lambda logits: logits[:, 0]
+        label2id = {label: int(i) for i, label in self.model.config.id2label.items()}
+        for field in ("positive_label", "negative_label"):
+            if getattr(spec, field) not in label2id:
+                raise ValueError(f"GoldSpec.{field}={getattr(spec, field)!r} is not a label of {spec.name}: {sorted(label2id)}")
+        pos, neg = label2id[spec.positive_label], label2id[spec.negative_label]
+        return lambda logits: logits[:, pos] - logits[:, neg]
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        texts = [self.spec.format.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        if self.spec.kind == "vader":
+            return [float(self.vader.polarity_scores(t)["compound"]) for t in texts]
+        out = []
+        for i in range(0, len(texts), self.spec.batch_size):
+            out.extend(self._score_batch(texts[i : i + self.spec.batch_size]))
+        return out
+
+    @torch.no_grad()
+    def _score_batch(self, texts: list[str]) -> list[float]:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
+        ).to(self.spec.device)
+        logits = self.model(**batch).logits.float()
+        if logits.dim() == 3:  # token classifier (B, T, C): mean over real tokens, see the module docstring
+            logits = masked_mean(logits, batch["attention_mask"])
+        return self.pick(logits).tolist()
+
+
+def load_gold(spec: GoldSpec) -> GoldScorer:
+    return GoldScorer(spec)
+
+
+def _load_classifier(path, dtype):
+    archs = AutoConfig.from_pretrained(path).architectures or []
+    auto = AutoModelForTokenClassification if any(a.endswith("ForTokenClassification") for a in archs) else AutoModelForSequenceClassification
+    return auto.from_pretrained(path, dtype=dtype)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D), (B, T) -> (B, D): mean over positions where mask is 1 (sentence-transformers pooling)."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The offline sentiment gold model: MiniLM encoder + logistic regression on the rated movie-review snippets.
+
+
+def _offline_dir(name: str) -> Path:
+    if name != "auto":
+        return Path(name)
+    return Path(os.environ.get("IVG_CACHE", Path.home() / ".cache" / "ivg")) / "gold" / "offline-sentiment"
+
+
+def ensure_offline_sentiment(out_dir: Path, encoder_dir: Path | None = None, snippets: Path | None = None) -> Path:
+    """The trained folder, built first if it is not there yet (assets resolved only then)."""
+    out_dir = Path(out_dir)
+    if (out_dir / OFFLINE_REPORT).exists():
+        return out_dir
+    if encoder_dir is None or snippets is None:
+        from ivg.assets import resolve  # raises AssetMissing, which says how to fetch
+
+        encoder_dir, snippets = encoder_dir or resolve("minilm"), snippets or resolve("movie-snippets")
+    build_offline_sentiment(encoder_dir, snippets, out_dir)
+    return out_dir
+
+
+def build_offline_sentiment(
+    encoder_dir, snippets, out_dir, *, test_fraction: float = 0.2, seed: int = 0, C: float = 0.1,
+    batch_size: int = 64, max_length: int = 128,
+) -> dict:
+    """Train the head, write the folder atomically, return (and save) the held-out report."""
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.time()
+    df = read_snippets(snippets)
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(df), dtype=bool)
+    is_test[rng.permutation(len(df))[: max(1, int(len(df) * test_fraction))]] = True
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    encoder = AutoModel.from_pretrained(encoder_dir, dtype=torch.float32).eval()
+    x = embed(encoder, tokenizer, df["text"].tolist(), batch_size, max_length)  # (N, H)
+    y = df["label"].to_numpy()
+    # C=0.1: mild L2; the 384-d MiniLM features overfit 8k snippets a little at C=1.
+    head = LogisticRegression(C=C, max_iter=2000).fit(x[~is_test], y[~is_test])
+    accuracy = float(head.score(x[is_test], y[is_test]))
+
+    # Two labels whose logit difference is the regression's decision function: POSITIVE - NEGATIVE = w·x + b.
+    model = AutoModelForTokenClassification.from_pretrained(
+        encoder_dir, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}
+    )
+    w, b = torch.tensor(head.coef_[0], dtype=torch.float32), torch.tensor(head.intercept_[0], dtype=torch.float32)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.stack([-w, w]) / 2)
+        model.classifier.bias.copy_(torch.stack([-b, b]) / 2)
+    report = {
+        "accuracy": accuracy,
+        "vader_accuracy": vader_accuracy(df["text"][is_test].tolist(), y[is_test]),
+        "n_train": int((~is_test).sum()),
+        "n_test": int(is_test.sum()),
+        "train_seconds": time.time() - t0,
+        "encoder": str(encoder_dir),
+        "snippets": str(snippets),
+        "C": C,
+        "seed": seed,
+    }
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / OFFLINE_REPORT).write_text(json.dumps(report, indent=2))  # written last: marks the folder complete
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return report
+
+
+def read_snippets(path) -> pd.DataFrame:
+    df = pd.read_parquet(path)
+    missing = {"text", "label"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: snippets need columns text, label; missing {sorted(missing)}")
+    bad = ~df["label"].isin([0, 1])
+    if bad.any():
+        raise ValueError(f"{path}: label must be 0/1; row {int(np.flatnonzero(bad)[0])} has {df['label'][bad].iloc[0]!r}")
+    return df.reset_index(drop=True)
+
+
+@torch.no_grad()
+def embed(encoder, tokenizer, texts: list[str], batch_size: int, max_length: int) -> np.ndarray:
+    """Mean-pooled last hidden states, (N, H). Batches are cut by length to waste little on padding."""
+    order = np.argsort([len(t) for t in texts])
+    out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
+    for i in range(0, len(texts), batch_size):
+        idx = order[i : i + batch_size]
+        batch = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out[idx] = masked_mean(encoder(**batch).last_hidden_state, batch["attention_mask"]).numpy()
+    return out
+
+
+def vader_accuracy(texts: list[str], labels: np.ndarray) -> float:
+    """VADER as a second opinion: compound > 0 means positive."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    pred = np.array([vader.polarity_scores(t)["compound"] > 0 for t in texts])
+    return float((pred == np.asarray(labels).astype(bool)).mean())
