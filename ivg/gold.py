@@ -16,7 +16,6 @@ ordinary HF folder (safetensors, no remote code) that the same classifier code l
 """
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -75,7 +74,7 @@ class GoldScorer:
 
             self.vader = SentimentIntensityAnalyzer()
             return
-        path = ensure_offline_sentiment(_offline_dir(spec.name)) if spec.kind == "offline_sentiment" else spec.name
+        path = ensure_offline_sentiment(offline_dir(spec.name)) if spec.kind == "offline_sentiment" else spec.name
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = _load_classifier(path, DTYPES[spec.dtype]).to(spec.device).eval()
         if self.tokenizer.pad_token is None:  # decoder reward models (GPT-2, Llama) often ship without one
@@ -139,10 +138,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # The offline sentiment gold model: MiniLM encoder + logistic regression on the rated movie-review snippets.
 
 
-def _offline_dir(name: str) -> Path:
+def offline_dir(name: str) -> Path:
+    """'auto' -> the ivg cache ($IVG_CACHE, else ~/.cache/ivg)/gold/offline-sentiment; else the folder named."""
     if name != "auto":
         return Path(name)
-    return Path(os.environ.get("IVG_CACHE", Path.home() / ".cache" / "ivg")) / "gold" / "offline-sentiment"
+    from ivg.assets import cache_root
+
+    return cache_root() / "gold" / "offline-sentiment"
 
 
 def ensure_offline_sentiment(out_dir: Path, encoder_dir: Path | None = None, snippets: Path | None = None) -> Path:

@@ -1,0 +1,213 @@
+"""The evaluation stage over a finished generate run: gold rewards, AlpacaEval preferences, summary, report.
+
+Layout of a run dir (inputs from generate, the rest written here):
+    DIR/shards/*.parquet                      generate output rows (any *.parquet under shards/, recursively)
+    DIR/evaluated/samples.parquet             every row + gold_reward [+ reference_reward, preference, judge]
+    DIR/evaluated/annotations/<method>.json   alpaca_eval annotations (alpaca only), instruction order
+    DIR/summary.parquet                       one row per method (see `summarize`)
+    DIR/report.md, DIR/report.png             the summary table; gold reward vs model-token cost
+Re-running is idempotent: the files are rewritten whole (atomically), and scores already in
+samples.parquet are reused for rows with the same (id, method) and response, so only new rows are scored.
+Failed rows (status=failed) are kept and counted, never scored, and left out of every mean.
+Scorers are plain callables `(prompts, responses) -> scores`: the Ray pipeline may pass actor-backed ones.
+"""
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ivg.alpaca import api_annotations, length_controlled_winrate, offline_annotations
+from ivg.gold import GoldScorer
+from pipeline.eval_config import EvalConfig
+from pipeline.report import write_report
+
+Scorer = Callable[[list[str], list[str]], list[float]]
+REQUIRED = ("id", "prompt", "response", "method", "status")
+KEY = ["id", "method"]
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(run_dir, cfg: EvalConfig, scorer: Scorer | None = None, judge: Scorer | None = None) -> pd.DataFrame:
+    """Evaluate DIR in place; returns the summary. `scorer`/`judge` default to GoldScorers built from cfg."""
+    run_dir = Path(run_dir)
+    out_dir = run_dir / cfg.evaluated_dir
+    rows = read_shards(run_dir)
+    prev = pd.read_parquet(out_dir / "samples.parquet") if (out_dir / "samples.parquet").exists() else None
+    ok = rows["status"] == "ok"
+
+    if cfg.gold is not None:
+        scorer = scorer or _lazy(lambda: GoldScorer(cfg.gold).score)
+        rows["gold_reward"] = reuse_or_score(rows, prev, "gold_reward", ok, scorer)
+
+    lc = {}
+    if cfg.alpaca is not None:
+        lc = _alpaca(rows, prev, cfg, ok, scorer, judge, out_dir / "annotations")
+
+    summary = summarize(rows, lc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_parquet(rows, out_dir / "samples.parquet")
+    _write_parquet(summary, run_dir / cfg.summary)
+    write_report(summary, run_dir / cfg.report, run_dir / cfg.plot, title=f"Evaluation of {run_dir.name}")
+    return summary
+
+
+def read_shards(run_dir: Path) -> pd.DataFrame:
+    files = sorted((Path(run_dir) / "shards").rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}/shards: no *.parquet files; is this a finished generate run?")
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"{run_dir}/shards: rows lack column(s) {missing} (DESIGN.md output rows)")
+    bad = ~df["status"].isin(["ok", "failed"])
+    if bad.any():
+        raise ValueError(f"{run_dir}/shards: row {df.loc[bad, KEY].iloc[0].to_dict()} has status {df['status'][bad].iloc[0]!r}")
+    dup = df.duplicated(KEY, keep=False)
+    if dup.any():
+        raise ValueError(f"{run_dir}/shards: (id, method) {df.loc[dup, KEY].iloc[0].to_dict()} appears {int(dup.sum())} times")
+    return df.sort_values(KEY, ignore_index=True)  # results depend on (id, method), not on shard order
+
+
+def reuse_or_score(rows, prev, column: str, todo: pd.Series, scorer: Scorer, text: str = "response") -> pd.Series:
+    """`column` for rows with todo=True: from prev where (id, method, rows[text]) match, else scored now."""
+    out = pd.Series(np.nan, index=rows.index)
+    if prev is not None and column in prev.columns:
+        old = prev.drop_duplicates(KEY).set_index(KEY)
+        keys = pd.MultiIndex.from_frame(rows[KEY])
+        same = old[text].reindex(keys).to_numpy() == rows[text].to_numpy()
+        out[same] = old[column].reindex(keys).to_numpy()[same]
+    need = todo & out.isna()
+    if need.any():
+        scores = scorer(list(rows["prompt"][need]), list(rows[text][need]))
+        if len(scores) != int(need.sum()):
+            raise RuntimeError(f"scorer returned {len(scores)} scores for {int(need.sum())} texts ({column})")
+        out[need] = np.asarray(scores, dtype=float)
+    log.info("%s: %d reused, %d scored", column, int((todo & ~need).sum()), int(need.sum()))
+    return out.where(todo)
+
+
+def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
+    """Adds reference, reference_reward, preference, judge columns; returns {method: LC metrics}."""
+    a = cfg.alpaca
+    rows["reference"], index = _references(rows, a.reference)
+    instructions = rows["instruction"] if "instruction" in rows.columns else rows["prompt"]
+    if a.judge == "offline":
+        if a.judge_model is None:  # the gold model judges: its reward of each output is gold_reward
+            judge, out_rewards = scorer, rows["gold_reward"]
+        else:
+            judge = judge or _lazy(lambda: GoldScorer(a.judge_model).score)
+            out_rewards = reuse_or_score(rows, prev, "judge_reward", ok, judge)
+        # a reference is scored once per id, whatever the number of methods
+        first = ~rows.duplicated("id") & ok
+        ref = reuse_or_score(rows, prev, "reference_reward", first, judge, text="reference")
+        rows["reference_reward"] = rows["id"].map(pd.Series(ref[first].to_numpy(), index=rows["id"][first])).where(ok)
+        if a.judge_model is not None:
+            rows["judge_reward"] = out_rewards
+    lc = {}
+    for method, g in rows[ok].groupby("method", sort=True):
+        args = (list(instructions[g.index]), list(g["response"]), list(g["reference"]))
+        if a.judge == "offline":
+            ann = offline_annotations(*args, list(out_rewards[g.index]), list(g["reference_reward"]),
+                                      list(index[g.index]), method, a.reference_generator)
+        else:
+            ann = api_annotations(*args, list(index[g.index]), method, a.reference_generator, a.judge)
+        rows.loc[g.index, "preference"] = ann["preference"].to_numpy(dtype=float)
+        rows.loc[g.index, "judge"] = ann["annotator"].iloc[0]
+        ann = ann.sort_index()  # file order = instruction order, as alpaca_eval writes it
+        annotations_dir.mkdir(parents=True, exist_ok=True)
+        ann.to_json(annotations_dir / f"{method}.json", orient="records", indent=1)
+        lc[method] = length_controlled_winrate(ann, a.glm_inputs)
+    return lc
+
+
+def _references(rows: pd.DataFrame, source: str) -> tuple[pd.Series, pd.Series]:
+    """(reference text, AlpacaEval instruction index) per row."""
+    if source == "column":
+        if "reference" not in rows.columns:
+            raise ValueError("eval.alpaca.reference='column' but the rows have no `reference` column")
+        ref, idx = rows["reference"], rows.get("alpaca_index")
+    else:
+        table = _read_table(source)
+        if not {"id", "reference"} <= set(table.columns):
+            raise ValueError(f"eval.alpaca.reference={source}: needs columns id, reference; has {list(table.columns)}")
+        table = table.set_index("id")
+        missing = ~rows["id"].isin(table.index)
+        if missing.any():
+            raise ValueError(f"eval.alpaca.reference={source}: no reference for id {rows['id'][missing].iloc[0]!r}")
+        ref = rows["id"].map(table["reference"])
+        idx = rows.get("alpaca_index", rows["id"].map(table["index"]) if "index" in table.columns else None)
+    if idx is None:
+        # the GLM's instruction difficulty is looked up by this index: right only for the full set in order
+        log.warning("no alpaca_index column: using id order as the AlpacaEval instruction index")
+        idx = rows["id"].map({k: i for i, k in enumerate(sorted(rows["id"].unique()))})
+    return ref, idx.astype(int)
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    return pd.read_json(path, lines=".jsonl" in path)
+
+
+def summarize(rows: pd.DataFrame, lc: dict | None = None, level: float = 0.95) -> pd.DataFrame:
+    """One row per method. Means are over ok rows; the gold CI is a Student-t interval on the mean."""
+    out = []
+    for method, g in rows.groupby("method", sort=True):
+        ok = g[g["status"] == "ok"]
+        s = {"method": method, "n": len(g), "n_ok": len(ok), "n_failed": len(g) - len(ok)}
+        if "gold_reward" in g.columns:
+            s["gold_mean"], s["gold_ci_low"], s["gold_ci_high"] = t_interval(ok["gold_reward"].to_numpy(float), level)
+            s["ci"] = f"t{int(level * 100)}"
+        s.update(lc.get(method, {}) if lc else {})
+        s["mean_new_tokens"] = ok["n_new_tokens"].mean() if "n_new_tokens" in ok.columns else np.nan
+        if "model_tokens" in ok.columns:
+            per_role = pd.DataFrame([_as_dict(m) for m in ok["model_tokens"]], index=ok.index)
+            for role in sorted(per_role.columns):
+                s[f"model_tokens_{role}"] = per_role[role].mean()
+            s["model_tokens_total"] = per_role.sum(axis=1).mean()
+        if "wall_s" in ok.columns:
+            s["wall_s"] = ok["wall_s"].sum()
+            s["tokens_per_s"] = ok["n_new_tokens"].sum() / s["wall_s"] if s["wall_s"] > 0 else np.nan
+        out.append(s)
+    return pd.DataFrame(out)
+
+
+def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): mean ± t_{(1+level)/2, n-1} · s/√n; NaN bounds when n < 2."""
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return np.nan, np.nan, np.nan
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, np.nan, np.nan
+    half = stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return mean, mean - half, mean + half
+
+
+def _as_dict(m) -> dict:
+    """model_tokens comes back from Parquet as a dict (struct) or a list of (key, value) pairs (map)."""
+    if m is None:
+        return {}
+    return dict(m) if not isinstance(m, dict) else {k: v for k, v in m.items() if v is not None}
+
+
+def _lazy(make: Callable[[], Scorer]) -> Scorer:
+    """A scorer whose model loads on first use, so a fully reused re-run loads nothing."""
+    cache = []
+
+    def score(prompts, responses):
+        if not cache:
+            cache.append(make())
+        return cache[0](prompts, responses)
+
+    return score
+
+
+def _write_parquet(df: pd.DataFrame, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
