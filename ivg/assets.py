@@ -133,7 +133,7 @@ def fetch(
     `find_links` alone means "only this folder" (pip --no-index): the fix for an unreachable index.
     An asset that fails does not stop the others; AssetFetchError at the end lists every failure.
     """
-    names = list(ASSETS) if names is None else list(names)
+    names = list(ASSETS) if names is None else [names] if isinstance(names, str) else list(names)
     for name in names:
         _asset(name)  # unknown names fail before anything is downloaded
     paths, failures = {}, []
