@@ -145,23 +145,23 @@ class GenerationConfig:
         check(len(set(labels)) == len(labels), "methods", f"method names must be unique, got {labels}")
 
 
-def from_dict(cls, data, where: str):
+def from_dict(cls, data, where: str = ""):
     """Build dataclass `cls` from YAML data, checking keys and types; errors name the field."""
     if dataclasses.is_dataclass(data):
         return data
-    check(isinstance(data, dict), where, f"expected a mapping, got {type(data).__name__}")
+    check(isinstance(data, dict), where or "config", f"expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
-    check(not unknown, where, f"unknown key(s) {unknown}; known: {sorted(fields)}")
+    check(not unknown, where or "config", f"unknown key(s) {unknown}; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
-    check(not missing, where, f"missing required key(s) {missing}")
+    check(not missing, where or "config", f"missing required key(s) {missing}")
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
 def _convert(tp, value, where: str):

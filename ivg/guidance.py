@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from ivg.sampling import upcast
+
 
 class ImplicitTokenGuidance:
     """EFT / implicit value: z = logits_base + beta * (log pi_tuned - log pi_untuned)."""
@@ -17,7 +19,7 @@ class ImplicitTokenGuidance:
         self.beta = beta
 
     def __call__(self, base_logits: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-        return base_logits.float() + self.beta * log_ratio
+        return upcast(base_logits) + self.beta * log_ratio
 
 
 class ExplicitTokenGuidance:
@@ -29,7 +31,7 @@ class ExplicitTokenGuidance:
         self.beta = beta
 
     def __call__(self, base_logits: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
-        return base_logits.float() + self.beta * q_values
+        return upcast(base_logits) + self.beta * q_values
 
 
 def token_guidance(kind: str, beta: float):

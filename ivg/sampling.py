@@ -14,6 +14,11 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from ivg.config import DecodeConfig
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32 for the arithmetic of guidance and sampling; float64 stays."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def prompt_seed(seed: int, prompt_id: str) -> int:
     digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
@@ -38,7 +43,7 @@ def sample(z: torch.Tensor, uniforms: torch.Tensor, decode: DecodeConfig) -> tor
     """z (B, V) guided logits, uniforms (B,) in [0, 1) -> tokens (B,)."""
     if decode.temperature == 0:
         return z.argmax(-1)
-    z = warpers(decode)(None, z.float())
+    z = warpers(decode)(None, upcast(z))
     cdf = torch.softmax(z, -1).double().cumsum(-1)  # float64: stable, batch-independent boundaries
     u = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)

@@ -19,7 +19,7 @@ import torch
 
 from ivg.config import DecodeConfig, MethodConfig
 from ivg.guidance import token_guidance
-from ivg.sampling import Stopper, prompt_generator, sample
+from ivg.sampling import Stopper, prompt_generator, sample, upcast
 
 
 @dataclass
@@ -105,13 +105,13 @@ def sample_chunk(children, L, roles, sid, token_role, guide, gens, decode, stopp
             calls[token_role] = ("next", (sid, pending))
         out = roles.call(calls)
         logits = torch.as_tensor(out["base"])
-        z = logits.float() if guide is None else guide(logits, torch.as_tensor(out[token_role]).to(logits.device))
+        z = upcast(logits) if guide is None else guide(logits, torch.as_tensor(out[token_role]).to(logits.device))
         uniforms = torch.zeros(len(beams), dtype=torch.float64)
         for p, rows in rows_of.items():  # a prompt draws while any of its rows is live
             if any(not beams[i].done for i in rows):
                 uniforms[rows] = torch.rand(len(rows), generator=gens[p], dtype=torch.float64)
         tokens = sample(z, uniforms, decode).tolist()
-        value = torch.as_tensor(out[token_role]).float() if token_role else None
+        value = torch.as_tensor(out[token_role]) if token_role else None
         picked = value.gather(-1, torch.tensor(tokens, device=value.device)[:, None]).squeeze(-1).tolist() if token_role else None
         pending = [[] for _ in beams]
         for i in live:

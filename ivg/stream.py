@@ -34,7 +34,7 @@ class Stream:
     def __len__(self) -> int:
         return len(self.owners)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def extend(self, new: list[list[int]], keep_all: bool = False) -> torch.Tensor | None:
         """Append new[i] to row i; return all block outputs (B, T, D) if keep_all, else None.
 

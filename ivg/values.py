@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ivg.models import LoadedModel, prompt_ids, same_vocab
+from ivg.sampling import upcast
 from ivg.stream import Stream
 
 
@@ -54,9 +55,9 @@ def new_token_scores(prev_last: torch.Tensor, out: torch.Tensor, new: list[list[
         if n:
             block[i, T - len(n):] = torch.tensor(n)
     block = block.to(out.device)
-    inner = out[:, :-1].gather(-1, block[:, 1:, None]).squeeze(-1).float().cpu()  # (B, T-1)
+    inner = out[:, :-1].gather(-1, block[:, 1:, None]).squeeze(-1).double().cpu()  # (B, T-1)
     first = prev_last.gather(-1, block[torch.arange(B), [T - max(len(n), 1) for n in new]][:, None])
-    first = first.squeeze(-1).float().cpu()  # (B,)
+    first = first.squeeze(-1).double().cpu()  # (B,)
     return [[first[i].item()] + inner[i, T - len(n):].tolist() if n else [] for i, n in enumerate(new)]
 
 
@@ -164,7 +165,7 @@ class ImplicitRole(Role):
         tuned, untuned = self.sessions[sid].streams
         tuned.extend(new)
         untuned.extend(new)
-        return torch.log_softmax(tuned.last.float(), -1) - torch.log_softmax(untuned.last.float(), -1)
+        return torch.log_softmax(upcast(tuned.last), -1) - torch.log_softmax(upcast(untuned.last), -1)
 
     def chunk(self, sid: str, new: list[list[int]], texts: list[str]) -> list[float]:
         session = self.sessions[sid]
@@ -172,8 +173,8 @@ class ImplicitRole(Role):
             session.values = [[] for _ in session.prompt_len]
         (prev_t, out_t, suffix, refed), (prev_u, out_u, _, _) = self.feed_chunk(session, new, texts, True)
         if out_t is not None:
-            lp_t = new_token_scores(torch.log_softmax(prev_t.float(), -1), torch.log_softmax(out_t.float(), -1), suffix)
-            lp_u = new_token_scores(torch.log_softmax(prev_u.float(), -1), torch.log_softmax(out_u.float(), -1), suffix)
+            lp_t = new_token_scores(torch.log_softmax(upcast(prev_t), -1), torch.log_softmax(upcast(out_t), -1), suffix)
+            lp_u = new_token_scores(torch.log_softmax(upcast(prev_u), -1), torch.log_softmax(upcast(out_u), -1), suffix)
             for i, (fed, back) in enumerate(zip(suffix, refed)):
                 # a re-fed token kept its old value; the first score of a re-fed row is discarded
                 kept = len(session.streams[0].ids[i]) - len(fed) - session.prompt_len[i] + back
@@ -204,7 +205,7 @@ class ExplicitRole(Role):
     def next(self, sid: str, new: list[list[int]]) -> torch.Tensor:
         stream = self.sessions[sid].streams[0]
         stream.extend(new)
-        return stream.last.float()  # (B, V) Q(s, .)
+        return upcast(stream.last)  # (B, V) Q(s, .)
 
     def chunk(self, sid: str, new: list[list[int]], texts: list[str]) -> list[float]:
         session = self.sessions[sid]
@@ -216,16 +217,16 @@ class ExplicitRole(Role):
         if self.kind == "classifier":
             session.score = self.classifier_value(session.streams[0].last)
         elif out is not None:
-            q = new_token_scores(prev.float(), out.float(), suffix)
+            q = new_token_scores(upcast(prev), upcast(out), suffix)
             # Q(s_{n-1}, a_n) of the newest token is the value of the whole prefix
             session.score = [q[i][-1] if len(fed) > back else session.score[i]
                              for i, (fed, back) in enumerate(zip(suffix, refed))]
         return list(session.score)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def classifier_value(self, hidden: torch.Tensor) -> list[float]:
-        logits = self.models[0].model.score(hidden).float()  # (B, num_labels)
-        return (logits @ self.label_weights.to(logits.device)).cpu().tolist()
+        logits = upcast(self.models[0].model.score(hidden))  # (B, num_labels)
+        return (logits @ self.label_weights.to(logits)).cpu().tolist()
 
 
 def classifier_weights(config, positive_label: str | None) -> torch.Tensor:
@@ -258,7 +259,7 @@ class EncoderSession:
     def tokens(self) -> Counter:
         return self.counts
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score_texts(self, role: ExplicitRole, texts: list[str]) -> list[float]:
         loaded = role.models[0]
         template = loaded.spec.template or "{prompt}"
@@ -266,5 +267,5 @@ class EncoderSession:
         enc = loaded.tokenizer(pairs, return_tensors="pt", padding=True, truncation=True).to(loaded.device)
         for owner, n in zip(self.owners, enc.attention_mask.sum(-1).tolist()):
             self.counts[owner] += n
-        logits = loaded.model(**enc).logits.float()
-        return (logits @ role.label_weights.to(logits.device)).cpu().tolist()
+        logits = upcast(loaded.model(**enc).logits)
+        return (logits @ role.label_weights.to(logits)).cpu().tolist()
