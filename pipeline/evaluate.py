@@ -4,6 +4,7 @@ Layout of a run dir (inputs from generate, the rest written here):
     DIR/shards/*.parquet                      generate output rows (any *.parquet under shards/, recursively)
     DIR/evaluated/samples.parquet             every row + gold_reward [+ reference_reward, preference, judge]
     DIR/evaluated/annotations/<method>.json   alpaca_eval annotations (alpaca only), instruction order
+    DIR/evaluated/eval_config.json            the EvalConfig that produced them
     DIR/summary.parquet                       one row per method (see `summarize`)
     DIR/report.md, DIR/report.png             the summary table; gold reward vs model-token cost
 Re-running is idempotent: the files are rewritten whole (atomically), and scores already in
@@ -12,7 +13,9 @@ Failed rows (status=failed) are kept and counted, never scored, and left out of 
 Scorers are plain callables `(prompts, responses) -> scores`: the Ray pipeline may pass actor-backed ones.
 """
 
+import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +52,7 @@ def evaluate_run(run_dir, cfg: EvalConfig, scorer: Scorer | None = None, judge: 
 
     summary = summarize(rows, lc)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval_config.json").write_text(json.dumps(asdict(cfg), indent=2))  # what made these numbers
     _write_parquet(rows, out_dir / "samples.parquet")
     _write_parquet(summary, run_dir / cfg.summary)
     write_report(summary, run_dir / cfg.report, run_dir / cfg.plot, title=f"Evaluation of {run_dir.name}")
@@ -101,8 +105,8 @@ def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
         else:
             judge = judge or _lazy(lambda: GoldScorer(a.judge_model).score)
             out_rewards = reuse_or_score(rows, prev, "judge_reward", ok, judge)
-        # a reference is scored once per id, whatever the number of methods
-        first = ~rows.duplicated("id") & ok
+        # a reference is scored once per id (on its first ok row), whatever the number of methods
+        first = ok & ~rows["id"].where(ok).duplicated()
         ref = reuse_or_score(rows, prev, "reference_reward", first, judge, text="reference")
         rows["reference_reward"] = rows["id"].map(pd.Series(ref[first].to_numpy(), index=rows["id"][first])).where(ok)
         if a.judge_model is not None:
@@ -162,7 +166,7 @@ def summarize(rows: pd.DataFrame, lc: dict | None = None, level: float = 0.95) -
         if "gold_reward" in g.columns:
             s["gold_mean"], s["gold_ci_low"], s["gold_ci_high"] = t_interval(ok["gold_reward"].to_numpy(float), level)
             s["ci"] = f"t{int(level * 100)}"
-        s.update(lc.get(method, {}) if lc else {})
+        s.update({("n_annotated" if k == "n" else k): v for k, v in (lc or {}).get(method, {}).items()})
         s["mean_new_tokens"] = ok["n_new_tokens"].mean() if "n_new_tokens" in ok.columns else np.nan
         if "model_tokens" in ok.columns:
             per_role = pd.DataFrame([_as_dict(m) for m in ok["model_tokens"]], index=ok.index)

@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import eval_fakes
+from ivg.gold import GoldSpec
+from pipeline.eval_config import AlpacaConfig, EvalConfig
+from pipeline.evaluate import evaluate_run, summarize, t_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CountingScorer:
+    """A deterministic gold model that records what it was asked to score."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, responses):
+        self.calls.append(list(responses))
+        return [float(sum(w in eval_fakes.GOOD for w in r.split()) - sum(w in eval_fakes.BAD for w in r.split()))
+                for r in responses]
+
+
+def test_t_interval_matches_scipy():
+    x = np.array([1.2, 3.4, 0.5, 2.2, 2.9, 1.7, 0.1])
+    mean, lo, hi = t_interval(x)
+    ref = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    assert mean == pytest.approx(x.mean()) and (lo, hi) == pytest.approx(ref, rel=1e-12)
+    assert t_interval(np.array([2.0]))[0] == 2.0 and np.isnan(t_interval(np.array([2.0]))[1])
+
+
+def test_summary_excludes_failed_rows():
+    df = eval_fakes.generate_rows(n=6, failed=2)
+    df["gold_reward"] = np.where(df["status"] == "ok", np.arange(len(df), dtype=float), np.nan)
+    s = summarize(df).set_index("method")
+    ok = df[(df["method"] == "base") & (df["status"] == "ok")]
+    assert s.loc["base", "n"] == 6 and s.loc["base", "n_failed"] == 2 and s.loc["base", "n_ok"] == 4
+    ref = stats.t.interval(0.95, 3, loc=ok["gold_reward"].mean(), scale=stats.sem(ok["gold_reward"]))
+    assert (s.loc["base", "gold_ci_low"], s.loc["base", "gold_ci_high"]) == pytest.approx(ref)
+    assert s.loc["base", "model_tokens_base"] == pytest.approx(ok["model_tokens"].map(lambda m: m["base"]).mean())
+    assert s.loc["base", "tokens_per_s"] == pytest.approx(ok["n_new_tokens"].sum() / ok["wall_s"].sum())
+    assert s.loc["base", "ci"] == "t95"
+
+
+def test_evaluate_run_idempotent_with_report(tmp_path):
+    run = eval_fakes.write_run(tmp_path / "run", eval_fakes.generate_rows(n=6, failed=1), shards=3)
+    cfg = EvalConfig(gold=GoldSpec("fake", "vader"))
+    scorer = CountingScorer()
+    s1 = evaluate_run(run, cfg, scorer=scorer)
+    assert sum(map(len, scorer.calls)) == 10  # 2 methods x 5 ok rows; failed rows never scored
+    samples = pd.read_parquet(run / "evaluated" / "samples.parquet")
+    assert len(samples) == 12 and samples["gold_reward"].isna().sum() == 2
+    assert samples.loc[samples["status"] == "failed", "error"].eq("OOM at step 3").all()
+    assert isinstance(samples["model_tokens"].iloc[0], dict) and len(samples["chunk_scores"].iloc[0]) == 2
+
+    # re-run: nothing rescored, same files, no duplicated rows
+    s2 = evaluate_run(run, cfg, scorer=scorer)
+    assert len(scorer.calls) == 1
+    pd.testing.assert_frame_equal(s1, s2)
+    pd.testing.assert_frame_equal(samples, pd.read_parquet(run / "evaluated" / "samples.parquet"))
+
+    # a new shard: only its rows are scored
+    extra = eval_fakes.generate_rows(methods=("bon",), n=3, failed=0)
+    extra.to_parquet(run / "shards" / "shard-00099.parquet")
+    s3 = evaluate_run(run, cfg, scorer=scorer)
+    assert len(scorer.calls) == 2 and len(scorer.calls[1]) == 3
+    assert list(s3["method"]) == ["base", "bon", "ivg"]
+
+    md = (run / "report.md").read_text()
+    assert "| method |" in md and "bon" in md and "t95" in md and "report.png" in md
+    assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pd.read_parquet(run / "summary.parquet").equals(s3)
+
+
+def test_evaluate_run_rejects_duplicate_rows(tmp_path):
+    df = eval_fakes.generate_rows(n=3, failed=0)
+    run = eval_fakes.write_run(tmp_path / "run", pd.concat([df, df.iloc[:1]]), shards=1)
+    with pytest.raises(ValueError, match="'id': 'p0', 'method': 'base'.*2 times"):
+        evaluate_run(run, EvalConfig(gold=GoldSpec("v", "vader")), scorer=CountingScorer())
+
+
+def test_alpaca_offline_judge_in_run(tmp_path):
+    df = eval_fakes.generate_rows(n=30, failed=1, with_reference=True)
+    df.loc[(df["id"] == "p5") & (df["method"] == "base"), "status"] = "failed"  # its reference is scored via ivg
+    run = eval_fakes.write_run(tmp_path / "run", df)
+    glm = eval_fakes.glm_inputs(tmp_path / "glm", n=30)
+    cfg = EvalConfig(gold=GoldSpec("v", "vader"), alpaca=AlpacaConfig(glm_inputs=str(glm)))
+    scorer = CountingScorer()
+    s = evaluate_run(run, cfg, scorer=scorer).set_index("method")
+    samples = pd.read_parquet(run / "evaluated" / "samples.parquet")
+    ok = samples[samples["status"] == "ok"]
+    expected = 1 + 1 / (1 + np.exp(-(ok["gold_reward"] - ok["reference_reward"])))
+    np.testing.assert_allclose(ok["preference"], expected)
+    assert (ok["judge"] == "offline_reward_model").all() and samples.loc[samples["status"] == "failed", "preference"].isna().all()
+    assert s.loc["ivg", "win_rate"] == pytest.approx((ok[ok["method"] == "ivg"]["preference"].mean() - 1) * 100)
+    assert {"length_controlled_winrate", "lc_standard_error"} <= set(s.columns)
+    assert s.loc["base", "n"] == 30 and s.loc["base", "n_annotated"] == 28 and s.loc["ivg", "n_annotated"] == 29
+    ann = json.loads((run / "evaluated" / "annotations" / "ivg.json").read_text())
+    assert len(ann) == 29 and ann[0]["generator_2"] == "ivg" and ann[0]["generator_1"] == "reference"
+    # references are scored once per id, not once per method
+    assert sum(map(len, scorer.calls)) == 28 + 29 + 29
+    assert json.loads((run / "evaluated" / "eval_config.json").read_text())["alpaca"]["glm_inputs"] == str(glm)
+
+
+def test_eval_config_validation_names_field():
+    with pytest.raises(ValueError, match=r"eval: unknown field\(s\) \['golds'\]"):
+        EvalConfig.from_dict({"golds": {}})
+    with pytest.raises(ValueError, match="eval.gold: GoldSpec.kind"):
+        EvalConfig.from_dict({"gold": {"name": "x", "kind": "nope"}})
+    with pytest.raises(ValueError, match="eval.alpaca.judge_model"):
+        EvalConfig.from_dict({"alpaca": {"judge": "offline"}})
+    cfg = EvalConfig.from_dict({"gold": {"name": "x", "kind": "scalar"}, "alpaca": {"glm_inputs": "/g"}})
+    assert cfg.gold.kind == "scalar" and cfg.alpaca.glm_inputs == "/g"
+
+
+def test_cli_run_mode(tmp_path):
+    run = eval_fakes.write_run(tmp_path / "run", eval_fakes.generate_rows(n=4, failed=1))
+    (tmp_path / "c.yaml").write_text("eval:\n  gold: {name: vader, kind: vader, format: '{response}'}\n")
+    p = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--run", str(run), "--config", str(tmp_path / "c.yaml")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [r["method"] for r in rows] == ["base", "ivg"] and rows[0]["n_failed"] == 1
+    assert (run / "summary.parquet").exists() and (run / "report.md").exists()
