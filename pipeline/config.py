@@ -1,0 +1,160 @@
+"""The whole run in one typed config: run, data, models, decode, methods, pipeline, eval.
+
+`models`, `decode` and `methods` are the engine's own dataclasses (ivg/config.py); this file adds
+what only a distributed run needs. `load_config` reads YAML, applies command-line overrides, and
+validates everything at once; `Config.resolved()` is what gets written next to the outputs, and
+`Config.fingerprint()` hashes the settings that decide the output rows, so a rerun into the same
+directory can refuse to mix rows made by two different configs.
+"""
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ivg.config import DecodeConfig, GenerationConfig, MethodConfig, Models, check, from_dict
+from pipeline.io import OUTPUT_SCHEMA
+
+try:  # the eval stage's own config, when that stage is installed
+    from pipeline.eval_config import EvalConfig
+except ImportError:  # pragma: no cover - depends on which stages exist
+    EvalConfig = None
+
+SOURCES = ("auto", "parquet", "jsonl", "hf")
+PLACEMENTS = ("auto", "separate", "colocated")
+ROLES = ("base", "implicit", "explicit")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0  # with the prompt id, the only source of randomness
+    output: str | None = None  # output directory (overridden by --output)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None  # Parquet / JSONL file or HF datasets id (overridden by --input)
+    source: str = "auto"  # auto: by file suffix (.parquet, .jsonl/.json), else an HF datasets id
+    split: str = "train"  # HF datasets only
+    subset: str | None = None  # HF datasets config name
+    id_column: str | None = "id"  # null: the row number becomes the id
+    prompt_column: str = "prompt"
+    columns: tuple[str, ...] = ()  # other input columns carried into the output rows (e.g. reference)
+    limit: int | None = None  # only the first N prompts
+    read_batch_rows: int = 1024  # Arrow record batch size while reading
+
+    def validate(self, where: str = "data") -> None:
+        check(self.path is not None, f"{where}.path", "needs an input (a file, an HF dataset id, or --input)")
+        check(self.source in SOURCES, f"{where}.source", f"{self.source!r} is not one of {SOURCES}")
+        check(self.limit is None or self.limit >= 1, f"{where}.limit", "must be >= 1 (or null for all)")
+        check(self.read_batch_rows >= 1, f"{where}.read_batch_rows", "must be >= 1")
+        clash = sorted(set(self.columns) & set(OUTPUT_SCHEMA.names))
+        check(not clash, f"{where}.columns", f"{clash} would overwrite output columns; rename them")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Ray resources of one model-server actor (and how many copies of it)."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    replicas: int = 1  # search actors are spread over replicas; a session stays on one
+    resources: dict[str, float] = field(default_factory=dict)  # custom node resources, e.g. {gpu_base: 1}
+    torch_threads: int = 1  # intra-op threads; keep cpus * threads <= cores
+
+    def validate(self, where: str) -> None:
+        check(self.num_cpus >= 0, f"{where}.num_cpus", "must be >= 0")
+        check(self.num_gpus >= 0, f"{where}.num_gpus", "must be >= 0")
+        check(self.replicas >= 1, f"{where}.replicas", "must be >= 1")
+        check(self.torch_threads >= 1, f"{where}.torch_threads", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Servers:
+    base: ServerSpec = field(default_factory=ServerSpec)
+    implicit: ServerSpec = field(default_factory=ServerSpec)  # tuned + untuned in one actor
+    explicit: ServerSpec = field(default_factory=ServerSpec)
+    colocated: ServerSpec = field(default_factory=ServerSpec)  # the one actor of placement: colocated
+
+    def validate(self, where: str = "pipeline.servers") -> None:
+        for name in (*ROLES, "colocated"):
+            getattr(self, name).validate(f"{where}.{name}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    # separate: an actor per role (the default when the cluster has GPUs); colocated: all roles in
+    # one actor (the default on CPU, where separate processes only add copies and context switches)
+    placement: str = "auto"
+    servers: Servers = field(default_factory=Servers)
+    batch_window_ms: float = 2.0  # how long a server waits to merge `next` calls of several searches; 0 = off
+    search_actors: int = 2
+    search_cpus: float = 0.25
+    shard_size: int = 16  # prompts per shard (= per output file, = per search batch)
+    max_in_flight: int | None = None  # shards submitted at once; default 2 per search actor
+    max_restarts: int = 1  # Ray restarts of a dead actor
+    max_task_retries: int = 1  # Ray retries of a call to an actor that died
+    shard_retries: int = 1  # a shard whose search raised is run again this many times, then marked failed
+
+    def validate(self, where: str = "pipeline") -> None:
+        check(self.placement in PLACEMENTS, f"{where}.placement", f"{self.placement!r} is not one of {PLACEMENTS}")
+        self.servers.validate(f"{where}.servers")
+        check(self.batch_window_ms >= 0, f"{where}.batch_window_ms", "must be >= 0 (0 turns batching off)")
+        check(self.search_actors >= 1, f"{where}.search_actors", "must be >= 1")
+        check(self.search_cpus > 0, f"{where}.search_cpus", "must be > 0 (fractional is fine)")
+        check(self.shard_size >= 1, f"{where}.shard_size", "must be >= 1")
+        check(self.max_in_flight is None or self.max_in_flight >= 1, f"{where}.max_in_flight", "must be >= 1")
+        for name in ("max_restarts", "max_task_retries", "shard_retries"):
+            check(getattr(self, name) >= -1, f"{where}.{name}", "must be >= 0 (or -1: unlimited)")
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_in_flight or 2 * self.search_actors
+
+
+@dataclass(frozen=True)
+class Config:
+    models: Models
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    methods: tuple[MethodConfig, ...] = (MethodConfig(),)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    eval: dict | None = None  # read by the evaluation stage (its EvalConfig), carried here untouched
+
+    def __post_init__(self):
+        self.generation  # validates models, decode and methods (ivg's checks)
+        self.data.validate()
+        self.pipeline.validate()
+        if EvalConfig is not None and self.eval is not None:
+            from_dict(EvalConfig, self.eval, "eval")
+
+    @property
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(self.models, self.decode, self.methods, self.run.seed)
+
+    def resolved(self) -> dict:
+        """Plain data (lists, not tuples): what `config.yaml` and the manifest record."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the output rows (not how many actors made them)."""
+        data = self.resolved()
+        decisive = {k: data[k] for k in ("models", "data", "decode", "methods")}
+        decisive["seed"], decisive["shard_size"] = self.run.seed, self.pipeline.shard_size
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path, input: str | None = None, output: str | None = None) -> Config:
+    """Read a YAML config; `input` / `output` (the command-line flags) override data.path / run.output."""
+    data = yaml.safe_load(Path(path).read_text())
+    check(isinstance(data, dict), str(path), "the config must be a mapping")
+    if input is not None:
+        data = {**data, "data": {**(data.get("data") or {}), "path": input}}
+    if output is not None:
+        data = {**data, "run": {**(data.get("run") or {}), "output": output}}
+    return from_dict(Config, data, "config")
