@@ -15,13 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from ivg.config import DecodeConfig, GenerationConfig, MethodConfig, Models, check, from_dict
+from ivg.config import ConfigError, DecodeConfig, GenerationConfig, MethodConfig, Models, check, from_dict
+from pipeline.eval_config import EvalConfig
 from pipeline.io import OUTPUT_SCHEMA
 
-try:  # the eval stage's own config, when that stage is installed
-    from pipeline.eval_config import EvalConfig
-except ImportError:  # pragma: no cover - depends on which stages exist
-    EvalConfig = None
 
 SOURCES = ("auto", "parquet", "jsonl", "hf")
 PLACEMENTS = ("auto", "separate", "colocated")
@@ -124,14 +121,19 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     methods: tuple[MethodConfig, ...] = (MethodConfig(),)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    eval: dict | None = None  # read by the evaluation stage (its EvalConfig), carried here untouched
+    # The evaluation stage's section, kept as the YAML mapping that jobs.evaluate parses; checked here
+    # so a typo fails before generation, not after it.
+    eval: dict | None = None
 
     def __post_init__(self):
         self.generation  # validates models, decode and methods (ivg's checks)
         self.data.validate()
         self.pipeline.validate()
-        if EvalConfig is not None and self.eval is not None:
-            from_dict(EvalConfig, self.eval, "eval")
+        if self.eval is not None:
+            try:
+                EvalConfig.from_dict(self.eval)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e)) from None
 
     @property
     def generation(self) -> GenerationConfig:
