@@ -221,7 +221,10 @@ def train_dpo(untuned: ModelSpec, encoded: list[dict], out_dir, settings: TrainS
                 log(f"  dpo step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
                     f"reward accuracy {logs.get('rewards/accuracies', float('nan')):.2f}")
 
-    loaded = load(dataclasses.replace(untuned, dtype="float32"))  # train in float32 whatever it decodes in
+    spec = dataclasses.replace(untuned, dtype="float32")  # train in float32 whatever it decodes in
+    loaded = load(spec)
+    # With LoRA the reference is the model with its adapter off; full fine-tuning needs a frozen copy.
+    reference = None if settings.lora_r else load(spec).model
     with tempfile.TemporaryDirectory() as scratch:
         args = DPOConfig(
             output_dir=scratch, beta=settings.beta, learning_rate=settings.lr,
@@ -231,7 +234,7 @@ def train_dpo(untuned: ModelSpec, encoded: list[dict], out_dir, settings: TrainS
             use_cpu=loaded.device.type == "cpu", save_strategy="no", report_to="none",
             logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant",
         )
-        trainer = PreTokenized(loaded.model, args=args, train_dataset=Dataset.from_list(encoded),
+        trainer = PreTokenized(loaded.model, ref_model=reference, args=args, train_dataset=Dataset.from_list(encoded),
                                processing_class=loaded.tokenizer,
                                peft_config=_lora(settings) if settings.lora_r else None,
                                callbacks=[Progress()])
