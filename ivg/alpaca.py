@@ -76,8 +76,11 @@ def api_annotations(
 
     ref = [{"instruction": i, "output": o, "generator": reference_generator} for i, o in zip(instructions, references)]
     out = [{"instruction": i, "output": o, "generator": generator} for i, o in zip(instructions, outputs)]
-    annotated = PairwiseAnnotator(annotators_config=annotators_config).annotate_head2head(outputs_1=ref, outputs_2=out)
-    return pd.DataFrame(annotated, index=pd.Index(index))
+    annotated = pd.DataFrame(
+        PairwiseAnnotator(annotators_config=annotators_config).annotate_head2head(outputs_1=ref, outputs_2=out)
+    )
+    annotated.index = pd.Index(annotated["instruction"].map(dict(zip(instructions, index))))  # it merges on instruction
+    return annotated
 
 
 def load_annotations(path) -> pd.DataFrame:
