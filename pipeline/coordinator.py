@@ -37,7 +37,7 @@ class RunSummary:
     done: int  # shards computed by this run
     skipped: int  # shards already on disk
     failed: int
-    placement: str
+    placement: str | None  # None when there was nothing to compute
     servers: dict  # server name -> its batching stats
 
 
@@ -50,7 +50,7 @@ class Cluster:
 
 
 def start_cluster(config: Config) -> Cluster:
-    """Model servers first (their info tells the searches the base's EOS ids), then search actors."""
+    """Model servers and search actors, all starting at once (each imports torch: seconds)."""
     p, gen = config.pipeline, config.generation
     placement = p.placement
     if placement == "auto":
@@ -65,14 +65,12 @@ def start_cluster(config: Config) -> Cluster:
             max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
         servers[name] = [actor.remote(gen, served, p.batch_window_ms, spec.torch_threads)
                          for _ in range(spec.replicas)]
-    infos = {name: ray.get([h.info.remote() for h in handles]) for name, handles in servers.items()}
-    eos = next(i["eos"] for infos_ in infos.values() for i in infos_ if "eos" in i)
     refs_for = [[ServerRef(handles[k % len(handles)], tuple(groups[name])) for name, handles in servers.items()]
                 for k in range(p.search_actors)]
     actor = ray.remote(SearchActor).options(num_cpus=p.search_cpus, max_restarts=p.max_restarts,
                                             max_task_retries=p.max_task_retries)
-    searchers = [actor.remote(gen, refs, eos, config.data.columns) for refs in refs_for]
-    ray.get([s.ready.remote() for s in searchers])
+    searchers = [actor.remote(gen, refs, config.data.columns) for refs in refs_for]
+    ray.get([s.ready.remote() for s in searchers])  # they wait for their servers: all are up
     return Cluster(servers, refs_for, searchers, placement)
 
 
@@ -98,41 +96,47 @@ def generate(config: Config, log=print) -> RunSummary:
     check_vocabularies(config.generation, {r: load_tokenizer(getattr(config.models, r))
                                            for r in ("base", "tuned", "untuned", "explicit")
                                            if getattr(config.models, r)})
-    cluster = start_cluster(config)
-    manifest.start_run(placement=cluster.placement, search_actors=config.pipeline.search_actors)
+    manifest.start_run(search_actors=config.pipeline.search_actors)
+    scheduler = Scheduler(config, manifest, out, log)
     status, stats = "error", {}
     try:
-        counts = Scheduler(config, cluster, manifest, out, log).run()
+        counts = scheduler.run()
         status = "failed" if counts["failed"] else "finished"
-        stats = server_stats(cluster)
+        stats = server_stats(scheduler.cluster) if scheduler.cluster else {}
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        manifest.end_run(status, servers=stats)
-        stop_cluster(cluster)
-    return RunSummary(out, status, counts["done"], counts["skipped"], counts["failed"], cluster.placement, stats)
+        placement = scheduler.cluster.placement if scheduler.cluster else None
+        manifest.end_run(status, placement=placement, servers=stats)
+        if scheduler.cluster:
+            stop_cluster(scheduler.cluster)
+    return RunSummary(out, status, counts["done"], counts["skipped"], counts["failed"], placement, stats)
 
 
 class Scheduler:
-    """The submit / wait / write loop, with its bookkeeping in one place."""
+    """The submit / wait / write loop, with its bookkeeping in one place. The actors start with the
+    first shard that needs computing: a rerun of a finished run loads no model."""
 
-    def __init__(self, config: Config, cluster: Cluster, manifest: Manifest, out: Path, log):
-        self.config, self.cluster, self.manifest, self.out, self.log = config, cluster, manifest, out, log
+    def __init__(self, config: Config, manifest: Manifest, out: Path, log):
+        self.config, self.manifest, self.out, self.log = config, manifest, out, log
+        self.cluster: Cluster | None = None
         d = config.data
         batches = read_prompts(d.path, d.source, split=d.split, subset=d.subset, id_column=d.id_column,
                                prompt_column=d.prompt_column, columns=d.columns, batch_rows=d.read_batch_rows)
-        self.shards = cut_shards(batches, config.pipeline.shard_size, d.limit)
-        n = count_prompts(d.path, d.source)
-        n = min(n, d.limit) if n is not None and d.limit else n
-        self.total = math.ceil(n / config.pipeline.shard_size) if n is not None else None
+        self.shards = cut_shards(batches, config.pipeline.shard_size, d.limit)  # lazy: reads nothing yet
+        self.total: int | None = None  # shards in the input, when cheap to know
         self.retry: deque[tuple[Shard, int]] = deque()
         self.in_flight: dict = {}  # object ref -> (shard, search actor, attempt)
-        self.load = [0] * len(cluster.searchers)
+        self.load = [0] * config.pipeline.search_actors  # shards in flight per search actor
         self.counts = Counter(done=0, skipped=0, failed=0, prompts=0)
         self.start = time.perf_counter()
 
     def run(self) -> Counter:
+        d = self.config.data
+        n = count_prompts(d.path, d.source)
+        n = min(n, d.limit) if n is not None and d.limit else n
+        self.total = math.ceil(n / self.config.pipeline.shard_size) if n is not None else None
         while True:
             while len(self.in_flight) < self.config.pipeline.in_flight and (item := self.next_shard()):
                 self.submit(*item)
@@ -160,6 +164,8 @@ class Scheduler:
         return None
 
     def submit(self, shard: Shard, attempt: int) -> None:
+        if self.cluster is None:
+            self.cluster = start_cluster(self.config)
         actor = min(range(len(self.load)), key=self.load.__getitem__)
         self.load[actor] += 1
         self.in_flight[self.cluster.searchers[actor].run.remote(shard)] = (shard, actor, attempt)

@@ -36,10 +36,12 @@ class ShardResult:
 
 
 class SearchActor:
-    def __init__(self, config: GenerationConfig, servers: list[ServerRef], eos: list[int],
-                 columns: tuple[str, ...] = (), torch_threads: int = 1):
+    def __init__(self, config: GenerationConfig, servers: list[ServerRef], columns: tuple[str, ...] = (),
+                 torch_threads: int = 1):
         torch.set_num_threads(torch_threads)  # sampling only; the models live in the servers
         self.roles = RemoteRoles(servers)
+        base = next(s.handle for s in servers if "base" in s.roles)
+        eos = ray.get(base.info.remote())["eos"]  # the base model's EOS ids (its generation config too)
         self.engine = Engine(config, self.roles, load_tokenizer(config.models.base), set(eos))
         self.columns = columns
 
