@@ -1,0 +1,77 @@
+"""Dynamic batching in the model servers: sessions of different searches merged into one forward,
+with exactly the outputs (and caches) each session would have had alone."""
+
+import asyncio
+
+import torch
+
+from conftest import cell, config
+from ivg.models import load
+from ivg.stream import Stream
+from ivg.values import lm_forward
+from pipeline.servers import ModelServer, extend_together
+
+PROMPTS_A = ["the movie was", "I loved this film so much that I"]
+PROMPTS_B = ["a", "Plot: two friends, one dog", "what"]
+
+
+def streams(prompts_a=PROMPTS_A, prompts_b=PROMPTS_B):
+    loaded = load(config([cell("none", "none")]).models.base)
+    tok = loaded.tokenizer
+    out = []
+    for prompts in (prompts_a, prompts_b):
+        s = Stream(lm_forward(loaded.model), tok.pad_token_id, loaded.device, list(range(len(prompts))))
+        s.extend([tok(p).input_ids for p in prompts])
+        out.append(s)
+    return out
+
+
+def test_merged_forward_equals_separate_forwards_and_leaves_caches_as_they_were():
+    alone, merged = streams(), streams()
+    steps = [([[5], [6]], [[7], [8, 9], [10]]), ([[11], []], [[12], [13], [14, 15, 16]])]
+    for new_a, new_b in steps:
+        alone[0].extend(new_a)
+        alone[1].extend(new_b)
+        extend_together(merged, [new_a, new_b])
+        for a, m in zip(alone, merged):  # float64: equal up to the order of additions
+            assert torch.allclose(a.last, m.last, atol=1e-12, rtol=0)
+    for a, m in zip(alone, merged):  # fork / reorder still works on the split caches
+        a.select([1, 1, 0][:len(a)])
+        m.select([1, 1, 0][:len(m)])
+    extend_together(merged, [[[3]] * len(merged[0]), [[4]] * len(merged[1])])
+    for a, m in zip(alone, merged):
+        a.extend([[3] if a is alone[0] else [4]] * len(a))
+        assert torch.allclose(a.last, m.last, atol=1e-12, rtol=0)
+        assert torch.equal(a.mask, m.mask) and a.ids == m.ids and a.cols == m.cols and a.tokens == m.tokens
+        for (ka, va, _), (km, vm, _) in zip(a.cache, m.cache):
+            assert torch.allclose(ka, km, atol=1e-12, rtol=0) and torch.allclose(va, vm, atol=1e-12, rtol=0)
+
+
+def test_server_merges_concurrent_next_calls_of_two_searches():
+    cfg = config([cell("implicit", "none")])
+
+    async def two_searches(window_ms, idle_third=False):
+        server = ModelServer(cfg, ["base", "implicit"], batch_window_ms=window_ms)
+        sessions = {"A": PROMPTS_A, "B": PROMPTS_B} | ({"C": ["idle"]} if idle_third else {})
+        for sid, prompts in sessions.items():
+            await server.call({r: ("open", (sid, prompts, list(range(len(prompts))))) for r in ("base", "implicit")})
+        outs = []
+        for step in range(3):
+            calls = [server.call({r: ("next", (sid, [[20 + step]] * len(sessions[sid]))) for r in ("base", "implicit")})
+                     for sid in ("A", "B")]
+            outs.append(await asyncio.gather(*calls))
+        return server.stats(), outs
+
+    batched_stats, batched = asyncio.run(two_searches(window_ms=50))
+    alone_stats, alone = asyncio.run(two_searches(window_ms=0))
+    # one forward per role and step serves both searches (2 roles x 3 steps)
+    assert batched_stats["sessions_per_forward"] == {2: 6} and batched_stats["forwards"] == 6
+    assert alone_stats["sessions_per_forward"] == {1: 12}
+    for step_b, step_a in zip(batched, alone):
+        for out_b, out_a in zip(step_b, step_a):
+            for role in ("base", "implicit"):
+                assert torch.allclose(out_b[role], out_a[role], atol=1e-12, rtol=0)
+
+    # a session that sends nothing does not block the others: the window times out and they run
+    idle_stats, _ = asyncio.run(two_searches(window_ms=5, idle_third=True))
+    assert idle_stats["sessions_per_forward"] == {2: 6}
