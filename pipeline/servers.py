@@ -10,8 +10,9 @@ once every open session of the role is waiting) and runs ONE forward per model f
           with masked columns (Stream's holes: masked, not counted in positions), so each row
           attends to exactly the tokens it attended to alone;
   forward one Stream.extend over the merged rows;
-  split   each session takes its rows back and drops its left padding: its cache is again exactly
-          its own, so merging never leaks into later steps.
+  split   each session takes its rows back and drops its left padding: its cache again holds only
+          its own tokens (plus masked holes where the merged block was wider than its own), so
+          merging never leaks into later steps.
 
 Outputs equal the unmerged ones up to float summation order (the same property that makes a
 prompt's output independent of its batch). The price is one extra copy of the sessions' caches

@@ -26,7 +26,7 @@ def streams(prompts_a=PROMPTS_A, prompts_b=PROMPTS_B):
     return out
 
 
-def test_merged_forward_equals_separate_forwards_and_leaves_caches_as_they_were():
+def test_merged_forward_equals_separate_forwards_and_keeps_each_sessions_cache():
     alone, merged = streams(), streams()
     steps = [([[5], [6]], [[7], [8, 9], [10]]), ([[11], []], [[12], [13], [14, 15, 16]])]
     for new_a, new_b in steps:
@@ -42,9 +42,15 @@ def test_merged_forward_equals_separate_forwards_and_leaves_caches_as_they_were(
     for a, m in zip(alone, merged):
         a.extend([[3] if a is alone[0] else [4]] * len(a))
         assert torch.allclose(a.last, m.last, atol=1e-12, rtol=0)
-        assert torch.equal(a.mask, m.mask) and a.ids == m.ids and a.cols == m.cols and a.tokens == m.tokens
-        for (ka, va, _), (km, vm, _) in zip(a.cache, m.cache):
-            assert torch.allclose(ka, km, atol=1e-12, rtol=0) and torch.allclose(va, vm, atol=1e-12, rtol=0)
+        assert a.ids == m.ids and a.tokens == m.tokens
+        # a block wider than the session's own (another session fed more tokens) leaves masked holes:
+        # the columns may differ, the valid ones hold the same keys and values
+        for row in range(len(a)):
+            assert m.mask[row].sum() == a.mask[row].sum() == len(a.cols[row]) == len(m.cols[row])
+            assert m.mask[row, m.cols[row]].all()
+            for (ka, va, _), (km, vm, _) in zip(a.cache, m.cache):
+                assert torch.allclose(ka[row][:, a.cols[row]], km[row][:, m.cols[row]], atol=1e-12, rtol=0)
+                assert torch.allclose(va[row][:, a.cols[row]], vm[row][:, m.cols[row]], atol=1e-12, rtol=0)
 
 
 def test_server_merges_concurrent_next_calls_of_two_searches():
