@@ -44,12 +44,10 @@ class Stream:
         T = max(lengths, default=0)
         if T == 0:
             return None
-        block = torch.full((len(new), T), self.pad_id, dtype=torch.long)
-        block_mask = torch.zeros(len(new), T, dtype=torch.long)
-        for i, n in enumerate(new):
-            if n:
-                block[i, T - len(n):] = torch.tensor(n)
-                block_mask[i, T - len(n):] = 1
+        # built as Python lists, one tensor each: a slice assignment per row costs more than a
+        # small model's forward once there are hundreds of rows
+        block = torch.tensor([[self.pad_id] * (T - len(n)) + list(n) for n in new], dtype=torch.long)
+        block_mask = torch.tensor([[0] * (T - len(n)) + [1] * len(n) for n in new], dtype=torch.long)
         start = self.mask.shape[1]
         self.mask = torch.cat([self.mask, block_mask.to(self.device)], dim=1)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
