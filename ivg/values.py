@@ -50,15 +50,12 @@ def new_token_scores(prev_last: torch.Tensor, out: torch.Tensor, new: list[list[
     prev_last (B, V) predicts each row's first new token; out (B, T, V) are the left-padded block's
     outputs, so out[:, j] predicts the token in column j + 1."""
     B, T = out.shape[:2]
-    block = torch.zeros(B, T, dtype=torch.long)
-    for i, n in enumerate(new):
-        if n:
-            block[i, T - len(n):] = torch.tensor(n)
-    block = block.to(out.device)
-    inner = out[:, :-1].gather(-1, block[:, 1:, None]).squeeze(-1).double().cpu()  # (B, T-1)
+    # lists in, lists out, one tensor each way: per-row tensor indexing dominates with many rows
+    block = torch.tensor([[0] * (T - len(n)) + list(n) for n in new], dtype=torch.long, device=out.device)
+    inner = out[:, :-1].gather(-1, block[:, 1:, None]).squeeze(-1).double().cpu().tolist()  # (B, T-1)
     first = prev_last.gather(-1, block[torch.arange(B), [T - max(len(n), 1) for n in new]][:, None])
-    first = first.squeeze(-1).double().cpu()  # (B,)
-    return [[first[i].item()] + inner[i, T - len(n):].tolist() if n else [] for i, n in enumerate(new)]
+    first = first.squeeze(-1).double().cpu().tolist()  # (B,)
+    return [[first[i]] + inner[i][T - len(n):] if n else [] for i, n in enumerate(new)]
 
 
 @dataclass
