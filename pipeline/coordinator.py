@@ -166,6 +166,7 @@ class Scheduler:
     def submit(self, shard: Shard, attempt: int) -> None:
         if self.cluster is None:
             self.cluster = start_cluster(self.config)
+            self.start = time.perf_counter()  # rates count searching, not loading
         actor = min(range(len(self.load)), key=self.load.__getitem__)
         self.load[actor] += 1
         self.in_flight[self.cluster.searchers[actor].run.remote(shard)] = (shard, actor, attempt)
