@@ -138,6 +138,8 @@ class ModelServer:
         out, batched = {}, {}
         for role, (method, args) in calls.items():
             if method == "next" and self.window > 0:
+                if args[0] not in self.roles[role].sessions:  # fail this caller alone, not its batch
+                    raise KeyError(f"{role}: no session {args[0]!r} here (was this server restarted?)")
                 batched[role] = args
             else:
                 out[role] = self.run(role, method, args)
