@@ -30,17 +30,19 @@ def expected(tmp_path_factory):
 
 @pytest.mark.parametrize("placement,shard_size", [("colocated", 3), ("separate", 2)])
 def test_pipeline_rows_equal_in_process_engine(ray_local, expected, tmp_path, placement, shard_size):
-    config = tiny_config(write_prompts(tmp_path / "p.jsonl", PROMPTS + [TOO_LONG]), tmp_path / "out", METHODS,
+    prompts = PROMPTS + [TOO_LONG, None]  # p9: a null prompt, which only the pipeline sees
+    config = tiny_config(write_prompts(tmp_path / "p.jsonl", prompts), tmp_path / "out", METHODS,
                          placement=placement, shard_size=shard_size, search_actors=2, batch_window_ms=20)
     summary = generate(config)
 
     assert (summary.status, summary.placement, summary.failed) == ("finished", placement, 0)
-    assert summary.done == -(-(len(PROMPTS) + 1) // shard_size) >= 3
+    assert summary.done == -(-len(prompts) // shard_size) >= 3
     rows = read_rows(tmp_path / "out")
-    assert sorted(comparable(r) for r in rows) == expected
+    assert sorted(comparable(r) for r in rows if r["id"] != "p9") == expected
     assert {r["dataset"] for r in rows} == {"test"}  # carried input column
-    failed = [r for r in rows if r["status"] == "failed"]
-    assert {r["id"] for r in failed} == {"p8"} and "exceeds the context" in failed[0]["error"]
+    failed = {r["id"]: r["error"] for r in rows if r["status"] == "failed"}
+    assert set(failed) == {"p8", "p9"} and "exceeds the context" in failed["p8"]
+    assert failed["p9"] == "prompt is NoneType, not text"
 
     # dynamic batching: some forward of the base server served both search actors at once
     base = summary.servers["colocated[0]" if placement == "colocated" else "base[0]"]
