@@ -6,7 +6,7 @@
      each to the least loaded search actor; every shard runs all methods, sharing the servers;
   4. check each result holds every (prompt, method) exactly once, write it atomically, record it
      in the manifest, print progress; a shard that raised is retried, then marked failed.
-Runs in the driver (`jobs/generate.py`), so an interrupt stops it between shards at worst.
+Runs in the driver (`jobs/generate.py`); an interrupt loses only the shards in flight.
 """
 
 import math
@@ -44,7 +44,6 @@ class RunSummary:
 @dataclass(frozen=True)
 class Cluster:
     servers: dict[str, list]  # server name ("base", "colocated", ...) -> replica handles
-    refs_for: list[list[ServerRef]]  # per search actor: the replica of each server it uses
     searchers: list  # SearchActor handles
     placement: str
 
@@ -65,13 +64,14 @@ def start_cluster(config: Config) -> Cluster:
             max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
         servers[name] = [actor.remote(gen, served, p.batch_window_ms, spec.torch_threads)
                          for _ in range(spec.replicas)]
+    # search actor k uses replica k % replicas of every server: its sessions stay on one replica
     refs_for = [[ServerRef(handles[k % len(handles)], tuple(groups[name])) for name, handles in servers.items()]
                 for k in range(p.search_actors)]
     actor = ray.remote(SearchActor).options(num_cpus=p.search_cpus, max_restarts=p.max_restarts,
                                             max_task_retries=p.max_task_retries)
     searchers = [actor.remote(gen, refs, config.data.columns) for refs in refs_for]
     ray.get([s.ready.remote() for s in searchers])  # they wait for their servers: all are up
-    return Cluster(servers, refs_for, searchers, placement)
+    return Cluster(servers, searchers, placement)
 
 
 def stop_cluster(cluster: Cluster) -> None:
