@@ -8,6 +8,7 @@ with RAY_AUTH_MODE=disabled here (or both with RAY_AUTH_MODE=token).
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,6 +85,7 @@ def head_node():
     finally:
         stop_cluster(temp_dir)
     assert not processes_of(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_smoke_config(head_node, tmp_path):
