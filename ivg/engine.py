@@ -37,14 +37,19 @@ def check_vocabularies(config: GenerationConfig, tokenizers: dict) -> None:
                     "use chunk-level guidance for models with different tokenizers")
 
 
-def load_roles(config: GenerationConfig, base_tokenizer) -> dict:
-    roles = {"base": BaseRole([load(config.models.base)], base_tokenizer)}
-    needed = {m.token for m in config.methods} | {m.chunk for m in config.methods}
-    if "implicit" in needed:
-        roles["implicit"] = ImplicitRole(load(config.models.tuned), load(config.models.untuned), base_tokenizer)
-    if "explicit" in needed:
-        roles["explicit"] = ExplicitRole(load(config.models.explicit), base_tokenizer)
-    return roles
+def needed_roles(config: GenerationConfig) -> list[str]:
+    """base, plus every value function some method uses, token-wise or chunk-level."""
+    used = {g for m in config.methods for g in (m.token, m.chunk)} - {"none"}
+    return ["base"] + sorted(used)
+
+
+def load_role(name: str, config: GenerationConfig, base_tokenizer):
+    models = config.models
+    if name == "base":
+        return BaseRole([load(models.base)], base_tokenizer)
+    if name == "implicit":
+        return ImplicitRole(load(models.tuned), load(models.untuned), base_tokenizer)
+    return ExplicitRole(load(models.explicit), base_tokenizer)
 
 
 def eos_ids(base_tokenizer, base_generation_config=None) -> set[int]:
@@ -64,7 +69,7 @@ class Engine:
         tokenizers = {r: load_tokenizer(getattr(config.models, r))
                       for r in ("base", "tuned", "untuned", "explicit") if getattr(config.models, r)}
         check_vocabularies(config, tokenizers)
-        roles = load_roles(config, tokenizers["base"])
+        roles = {name: load_role(name, config, tokenizers["base"]) for name in needed_roles(config)}
         base = roles["base"].models[0]
         return cls(config, LocalRoles(roles), base.tokenizer,
                    eos_ids(base.tokenizer, getattr(base.model, "generation_config", None)))
@@ -83,9 +88,10 @@ class Engine:
                          self.config.decode, self.roles, self.stopper, self.config.seed) if ok else []
         wall = (time.perf_counter() - start) / max(len(ok), 1)  # the batch's time, shared equally
         by_row = dict(zip(ok, outputs))
-        return [self._row(rows[i], method, by_row.get(i), errors[i], wall) for i in range(len(rows))]
+        return [self.row(rows[i], method, by_row.get(i), errors[i], wall) for i in range(len(rows))]
 
-    def _row(self, row: dict, method: MethodConfig, out, error: str | None, wall: float) -> dict:
+    def row(self, row: dict, method: MethodConfig, out, error: str | None, wall: float) -> dict:
+        """The output row of one prompt: a result, or (out=None) a failed row with its reason."""
         return {
             "id": str(row["id"]), "prompt": row["prompt"],
             "response": out.response if out else None,

@@ -9,12 +9,14 @@ A row can also drop its newest tokens (a re-tokenized text changed its tail): th
 which is the per-row `crop` the cache API does not have.
 """
 
+import time
 from collections import Counter
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from ivg.cache import new_cache, select_rows
+from ivg.cache import concat_caches, new_cache, select_rows, slice_cache
 
 # forward(input_ids, attention_mask, position_ids, cache, keep_all) -> outputs (B, T or 1, D)
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object, bool], torch.Tensor]
@@ -93,3 +95,37 @@ class Stream:
         self.owners = [self.owners[r] for r in rows]
         if self.last is not None:
             self.last = self.last[index]
+
+
+@torch.no_grad()
+def extend_together(streams: list[Stream], news: list[list[list[int]]]) -> float:
+    """streams[k].extend(news[k]) for all k in one forward; returns the seconds spent merging and
+    splitting (the cost of batching), not forwarding."""
+    if len(streams) == 1:
+        streams[0].extend(news[0])
+        return 0.0
+    t0 = time.perf_counter()
+    lengths = [s.mask.shape[1] for s in streams]
+    pads = [max(lengths) - n for n in lengths]  # left padding that aligns every session's columns
+    merged = Stream(streams[0].forward, streams[0].pad_id, streams[0].device,
+                    [(k, o) for k, s in enumerate(streams) for o in s.owners])
+    merged.cache = concat_caches([s.cache for s in streams], pads)
+    merged.mask = torch.cat([F.pad(s.mask, (p, 0)) for s, p in zip(streams, pads)])  # (sum B, T_max)
+    merged.ids = [ids for s in streams for ids in s.ids]
+    merged.cols = [[c + p for c in cols] for s, p in zip(streams, pads) for cols in s.cols]
+    merged.last = torch.cat([s.last for s in streams])  # (sum B, D)
+    t1 = time.perf_counter()
+    merged.extend([rows for new in news for rows in new])
+    t2 = time.perf_counter()
+    start = 0
+    for k, (s, p) in enumerate(zip(streams, pads)):
+        rows = slice(start, start + len(s))
+        start += len(s)
+        s.cache = slice_cache(merged.cache, rows, p)
+        s.mask = merged.mask[rows, p:]
+        s.ids = merged.ids[rows]
+        s.cols = [[c - p for c in cols] for cols in merged.cols[rows]]
+        s.last = merged.last[rows]
+    for (k, owner), n in merged.tokens.items():
+        streams[k].tokens[owner] += n
+    return (t1 - t0) + (time.perf_counter() - t2)

@@ -43,7 +43,7 @@ from ivg.engine import Engine, LocalRoles, eos_ids
 from ivg.models import LoadedModel, load_tokenizer, prompt_ids
 from ivg.profiling import ForwardTimer, record_calls, synchronize
 from ivg.reference import naive_search
-from pipeline.servers import build_role, needed_roles
+from ivg.engine import load_role, needed_roles
 
 METHOD = MethodConfig(token="implicit", chunk="explicit", W=4, K=4, L=5)
 NEW_TOKENS = 48
@@ -207,7 +207,7 @@ def load_engine(config: GenerationConfig) -> tuple[Engine, dict]:
     roles = {}
     for name in needed_roles(config):
         before = rss_mb()
-        roles[name] = build_role(name, config, tokenizer)
+        roles[name] = load_role(name, config, tokenizer)
         rss[name] = rss_mb() - before
     base = roles["base"].models[0]
     engine = Engine(config, LocalRoles(roles), base.tokenizer,

@@ -27,7 +27,8 @@ from pipeline.io import Manifest, Shard, count_prompts, cut_shards, read_prompts
     write_parquet_atomic, write_text_atomic
 from pipeline.remote import ServerRef
 from pipeline.search_actor import SearchActor, ShardResult
-from pipeline.servers import ModelServer, needed_roles
+from ivg.engine import needed_roles
+from pipeline.servers import ModelServer
 
 
 @dataclass(frozen=True)

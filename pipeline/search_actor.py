@@ -63,7 +63,7 @@ class SearchActor:
                if not isinstance(r["prompt"], str)}
         good = [r for i, r in enumerate(rows) if i not in bad]
         outs = iter(self.guarded(good, method) if len(good) != 1 else self.alone(good[0], method))
-        return [self.engine._row(r, method, None, bad[i], 0.0) if i in bad else next(outs)
+        return [self.engine.row(r, method, None, bad[i], 0.0) if i in bad else next(outs)
                 for i, r in enumerate(rows)]
 
     def guarded(self, rows: list[dict], method: MethodConfig) -> list[dict]:
@@ -82,4 +82,4 @@ class SearchActor:
             raise
         except Exception as e:
             self.roles.drop_open_sessions()
-            return [self.engine._row(row, method, None, f"{type(e).__name__}: {e}", 0.0)]
+            return [self.engine.row(row, method, None, f"{type(e).__name__}: {e}", 0.0)]

@@ -21,87 +21,14 @@ Other calls (open, select, chunk, check, close) run as they arrive: they are per
 """
 
 import asyncio
-import time
 from collections import Counter, defaultdict
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 from ivg.config import GenerationConfig
-from ivg.engine import eos_ids
-from ivg.models import load, load_tokenizer
-from ivg.stream import Stream
-from ivg.values import BaseRole, ExplicitRole, ImplicitRole
-
-
-def needed_roles(config: GenerationConfig) -> list[str]:
-    """base, plus every value function some method uses, token-wise or chunk-level."""
-    used = {g for m in config.methods for g in (m.token, m.chunk)} - {"none"}
-    return ["base"] + sorted(used)
-
-
-def build_role(name: str, config: GenerationConfig, base_tokenizer):
-    models = config.models
-    if name == "base":
-        return BaseRole([load(models.base)], base_tokenizer)
-    if name == "implicit":
-        return ImplicitRole(load(models.tuned), load(models.untuned), base_tokenizer)
-    return ExplicitRole(load(models.explicit), base_tokenizer)
-
-
-# ---------------------------------------------------------------- merged forward
-
-@torch.inference_mode()
-def extend_together(streams: list[Stream], news: list[list[list[int]]]) -> float:
-    """streams[k].extend(news[k]) for all k in one forward; returns the seconds spent merging and
-    splitting (the cost of batching), not forwarding."""
-    if len(streams) == 1:
-        streams[0].extend(news[0])
-        return 0.0
-    t0 = time.perf_counter()
-    lengths = [s.mask.shape[1] for s in streams]
-    pads = [max(lengths) - n for n in lengths]  # left padding that aligns every session's columns
-    merged = Stream(streams[0].forward, streams[0].pad_id, streams[0].device,
-                    [(k, o) for k, s in enumerate(streams) for o in s.owners])
-    merged.cache = concat_caches([s.cache for s in streams], pads)
-    merged.mask = torch.cat([F.pad(s.mask, (p, 0)) for s, p in zip(streams, pads)])  # (sum B, T_max)
-    merged.ids = [ids for s in streams for ids in s.ids]
-    merged.cols = [[c + p for c in cols] for s, p in zip(streams, pads) for cols in s.cols]
-    merged.last = torch.cat([s.last for s in streams])  # (sum B, D)
-    t1 = time.perf_counter()
-    merged.extend([rows for new in news for rows in new])
-    t2 = time.perf_counter()
-    start = 0
-    for k, (s, p) in enumerate(zip(streams, pads)):
-        rows = slice(start, start + len(s))
-        start += len(s)
-        s.cache = slice_cache(merged.cache, rows, p)
-        s.mask = merged.mask[rows, p:]
-        s.ids = merged.ids[rows]
-        s.cols = [[c - p for c in cols] for cols in merged.cols[rows]]
-        s.last = merged.last[rows]
-    for (k, owner), n in merged.tokens.items():
-        streams[k].tokens[owner] += n
-    return (t1 - t0) + (time.perf_counter() - t2)
-
-
-def concat_caches(caches: list[DynamicCache], pads: list[int]) -> DynamicCache:
-    """One cache holding every cache's rows; cache k left-padded by pads[k] zero columns."""
-    layers = zip(*[list(c) for c in caches])  # per layer: [(keys, values, sliding) per cache]
-    data = []
-    for per_cache in layers:
-        if any(sliding is not None for _, _, sliding in per_cache):
-            raise NotImplementedError("merging sliding-window caches; set batch_window_ms: 0")
-        keys = torch.cat([F.pad(k, (0, 0, p, 0)) for (k, _, _), p in zip(per_cache, pads)])  # (B, H, T, D)
-        values = torch.cat([F.pad(v, (0, 0, p, 0)) for (_, v, _), p in zip(per_cache, pads)])
-        data.append((keys, values))
-    return DynamicCache(data)
-
-
-def slice_cache(cache: DynamicCache, rows: slice, pad: int) -> DynamicCache:
-    """Rows `rows` of a merged cache, without their first `pad` (padding) columns."""
-    return DynamicCache([(k[rows, :, pad:], v[rows, :, pad:]) for k, v, _ in cache])
+from ivg.engine import eos_ids, load_role
+from ivg.models import load_tokenizer
+from ivg.stream import extend_together
 
 
 # ---------------------------------------------------------------- the server
@@ -115,7 +42,7 @@ class ModelServer:
                  torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         self.base_tokenizer = load_tokenizer(config.models.base)
-        self.roles = {name: build_role(name, config, self.base_tokenizer) for name in roles}
+        self.roles = {name: load_role(name, config, self.base_tokenizer) for name in roles}
         self.window = batch_window_ms / 1000
         self.queue: list[tuple[dict, asyncio.Future]] = []  # [({role: (sid, new)}, future)]
         self.flusher: asyncio.Task | None = None

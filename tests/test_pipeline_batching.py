@@ -9,7 +9,8 @@ from conftest import cell, config
 from ivg.models import load
 from ivg.stream import Stream
 from ivg.values import lm_forward
-from pipeline.servers import ModelServer, extend_together
+from ivg.stream import extend_together
+from pipeline.servers import ModelServer
 
 PROMPTS_A = ["the movie was", "I loved this film so much that I"]
 PROMPTS_B = ["a", "Plot: two friends, one dog", "what"]
