@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 
 from ivg.config import DecodeConfig, GenerationConfig, MethodConfig, ModelSpec, Models, check
-from ivg.models import load, prompt_ids
+from ivg.engine import Engine
+from ivg.models import LoadedModel, load, load_tokenizer, prompt_ids
 
 CACHE_VERSION = 1  # bump when the training recipe changes, so old caches are not taken for new ones
 MARKER = "ivg-train.json"  # written last: a folder without it is not a finished run
@@ -105,8 +106,6 @@ def sample_pairs(untuned: ModelSpec, prompts: list[str], n_pairs: int, max_new_t
     """n_pairs pairs of responses per prompt, plain sampling from the untuned model.
 
     The engine seeds each row from (seed, row id), so a pair is the same whatever the batch it runs in."""
-    from ivg.engine import Engine  # lazy: the engine is only needed to sample
-
     config = GenerationConfig(models=Models(base=untuned), seed=seed,
                               decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop))
     engine = Engine.local(config)
@@ -274,7 +273,7 @@ def train_token_rm(init: ModelSpec, encoded: list[dict], out_dir, settings: Trai
 
         model = get_peft_model(model, _lora(settings))
         head.weight.requires_grad_(True)  # PEFT froze everything but the adapters; the head is new
-    model.train()
+    model.eval()  # no dropout, as TRL does for DPO; gradients flow all the same
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.rm_lr, weight_decay=0.0)
     examples = [((x["prompt_ids"], x[side]), float(side == "chosen_ids"))
@@ -299,7 +298,7 @@ def train_token_rm(init: ModelSpec, encoded: list[dict], out_dir, settings: Trai
     model = model.merge_and_unload() if settings.lora_r else model
     stats = {"steps": len(losses), "loss_first": losses[0] if losses else None,
              "loss_last": losses[-1] if losses else None}
-    return _save(model.eval(), loaded.tokenizer, out_dir), stats
+    return _save(model, loaded.tokenizer, out_dir), stats
 
 
 def _save(model, tokenizer, out_dir) -> Path:
@@ -369,17 +368,18 @@ def train_guides(config: GuideConfig, prompts: list[str], gold: Gold, force: boo
     if not train:
         raise ValueError(f"no usable pairs: the gold ({config.gold}) tied or a response was empty in all {len(pairs)}")
     with open(tmp / "pairs.jsonl", "w") as f:
-        for x in labelled:
-            f.write(json.dumps({**x, "split": "heldout" if x in held else "train"}) + "\n")
+        for split, rows in (("train", train), ("heldout", held)):
+            for x in rows:
+                f.write(json.dumps({**x, "split": split}) + "\n")
     timings["sample_label_s"] = time.perf_counter() - start
     log(f"guides: {len(labelled)} labelled pairs ({len(pairs) - len(labelled)} dropped), "
         f"{len(train)} train / {len(held)} held out")
 
     untuned = load(config.untuned)
     rm_init = config.explicit_init or config.untuned
-    rm_tok = untuned if rm_init == config.untuned else load(dataclasses.replace(rm_init, kind="causal_lm"))
+    rm_view = LoadedModel(rm_init, None, load_tokenizer(rm_init))  # its own prompt view and tokenizer
     enc = {"train": encode(untuned, train), "heldout": encode(untuned, held)}
-    rm_enc = enc if rm_tok is untuned else {"train": encode(rm_tok, train), "heldout": encode(rm_tok, held)}
+    rm_enc = {"train": encode(rm_view, train), "heldout": encode(rm_view, held)}
 
     t = time.perf_counter()
     log(f"guides: DPO on {len(train)} pairs ({'LoRA r=%d' % s.lora_r if s.lora_r else 'full'})")
