@@ -39,11 +39,10 @@ import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ivg.config import DecodeConfig, GenerationConfig, MethodConfig, Models, ModelSpec
-from ivg.engine import Engine, LocalRoles, eos_ids
+from ivg.engine import Engine, LocalRoles, eos_ids, load_role, needed_roles
 from ivg.models import LoadedModel, load_tokenizer, prompt_ids
 from ivg.profiling import ForwardTimer, record_calls, synchronize
 from ivg.reference import naive_search
-from ivg.engine import load_role, needed_roles
 
 METHOD = MethodConfig(token="implicit", chunk="explicit", W=4, K=4, L=5)
 NEW_TOKENS = 48
@@ -76,7 +75,7 @@ class Workload:
 
 SUITES = {
     "smoke": {"tiny": Workload(4, 2, 0, 1, (1, 4), 2, False)},
-    "quick": {"tiny": Workload(16, 4, 1, 5, (1, 4, 16, 64), 16, True),
+    "quick": {"tiny": Workload(16, 4, 1, 3, (1, 4, 16, 64), 16, True),
               "smollm2-135m": Workload(2, 1, 0, 1, (), 0, False)},
     "full": {"tiny": Workload(16, 16, 2, 5, (1, 4, 16, 64), 16, True),
              "smollm2-135m": Workload(16, 4, 0, 3, (1, 4, 16, 64), 16, True)},
@@ -208,7 +207,10 @@ def load_engine(config: GenerationConfig) -> tuple[Engine, dict]:
     for name in needed_roles(config):
         before = rss_mb()
         roles[name] = load_role(name, config, tokenizer)
-        rss[name] = rss_mb() - before
+        # weights are what a role needs wherever it runs; RSS undercounts memory-mapped safetensors
+        rss[f"{name}_weights"] = sum(t.numel() * t.element_size() for m in roles[name].models
+                                     for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20
+        rss[f"{name}_rss_added"] = rss_mb() - before
     base = roles["base"].models[0]
     engine = Engine(config, LocalRoles(roles), base.tokenizer,
                     eos_ids(base.tokenizer, getattr(base.model, "generation_config", None)))
@@ -297,16 +299,18 @@ def measure_family(family: str, work: Workload, device: str, threads: int, log) 
     # 4, 5b. the Ray pipeline over the same prompts
     out["pipeline_vs_engine"], out["actor_scaling"] = None, None
     if work.pipeline:
-        pipe = measure_pipeline(config, rows, work.repeats, threads, log)
-        out["pipeline_vs_engine"] = pipe["one_shard_s"] / statistics.median(engine_s)
+        pipe = measure_pipeline(config, rows, work.repeats, threads, lambda: engine.run(rows, METHOD), log)
+        out["pipeline_vs_engine"] = pipe["one_shard_s"] / pipe["engine_s"]
         out["actor_scaling"] = pipe["actor_scaling"]
         out["pipeline"] = pipe
     return out
 
 
-def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, threads: int, log) -> dict:
+def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, threads: int, run_engine,
+                     log) -> dict:
     """The pipeline on this node: colocated model server, search actors. Its steady state is timed
-    (clusters started and warmed first), like the engine's, whose models are loaded before timing."""
+    (clusters started and warmed first), like the engine's, whose models are loaded before timing;
+    the engine runs alternate with the pipeline's, so both see the same machine load."""
     import ray
 
     from pipeline.config import Config
@@ -345,8 +349,9 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
         try:
             run_once(pipeline_config(1, len(rows)), cluster)  # warm-up
             # overhead: exactly the engine's batch (one shard of every prompt, one search actor)
-            result["one_shard_s"] = statistics.median([run_once(pipeline_config(1, len(rows)), cluster)
-                                                       for _ in range(repeats)])
+            pairs = [(timed(run_engine), run_once(pipeline_config(1, len(rows)), cluster)) for _ in range(repeats)]
+            result["engine_s"] = statistics.median(e for e, _ in pairs)
+            result["one_shard_s"] = statistics.median(p for _, p in pairs)
             for actors in (1, 2):  # two shards, served by one search actor or two
                 cfg = pipeline_config(actors, max(len(rows) // 2, 1))
                 seconds = statistics.median([run_once(cfg, cluster) for _ in range(repeats)])

@@ -49,7 +49,7 @@ def test_results_hold_every_key_with_its_type(report):
         assert is_number(results[key]), (key, results[key])
     assert 0 < results["forward_fraction"] <= 1
     assert set(results["batch_scaling"]) == {"1", "4"} and all(map(is_number, results["batch_scaling"].values()))
-    assert {"base", "implicit", "explicit", "process_peak"} <= set(results["peak_rss_mb"])
+    assert {"base_weights", "implicit_weights", "explicit_weights", "process_peak"} <= set(results["peak_rss_mb"])
     for key in ("pipeline_vs_engine", "actor_scaling"):  # no Ray in the smoke suite: null, with a reason
         assert results[key] is None and results["reason"][key]
     assert set(results["by_model"]) == {"tiny"}
