@@ -49,7 +49,7 @@ class TrainSettings:
     heldout: float = 0.2  # fraction of prompts held out to measure gold accuracy
     beta: float = 0.1  # DPO beta
     lr: float = 5e-4  # DPO learning rate (LoRA; use ~5e-6 for full fine-tuning)
-    rm_lr: float = 1e-3  # token RM learning rate
+    rm_lr: float = 1e-4  # token RM learning rate (AdamW; 1e-3 made the SmolLM2 loss climb)
     epochs: int = 1
     batch_size: int = 8  # pairs per step (DPO) / sequences per step (token RM)
     lora_r: int | None = 16  # None = full fine-tuning
