@@ -10,6 +10,7 @@ The default, jobs/configs/sentiment-default.yaml, runs offline on this 2-core CP
 """
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", help="run directory (default: runs/<run.name>)")
     p.add_argument("--num-cpus", type=float, help="CPUs of the embedded Ray (default: all)")
     args = p.parse_args(argv)
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    log = functools.partial(print, flush=True)
     start = time.perf_counter()
     try:
         data = yaml.safe_load(Path(args.config).read_text())
