@@ -7,6 +7,7 @@ plain YAML data and rejects unknown keys (a typo is an error, not a silently ign
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 GUIDANCE = ("none", "implicit", "explicit")
 MODEL_KINDS = ("causal_lm", "token_reward", "classifier")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+TRUNCATE = ("fail", "left")  # a prompt longer than the context: fail its row, or cut its start
 
 
 class ConfigError(ValueError):
@@ -23,6 +25,11 @@ class ConfigError(ValueError):
 def check(ok: bool, where: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{where}: {msg}")
+
+
+def plain_name(name: str) -> bool:
+    """A name that is safe as a file name: no separators, no `..`, not hidden (it may name output files)."""
+    return re.fullmatch(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*", name) is not None and ".." not in name
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,8 @@ class ModelSpec:
     # template, or None for the bare prompt. The paper's IMDB base sees a template, the guides do not.
     template: str | None = None
     positive_label: str | None = None  # classifier: score = logit[positive] - logit[other]; None: logit 0
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # runs the repository's own Python: only for sources you trust
+    allow_pickle: bool = False  # load a pickle checkpoint (*.bin, *.pt), which can run code on load
     revision: str | None = None
 
     def validate(self, where: str) -> None:
@@ -124,6 +132,8 @@ class MethodConfig:
                   "token-wise explicit guidance needs models.explicit.kind = token_reward (Q(s,.) over the vocab)")
         check(math.isfinite(self.beta_token) and math.isfinite(self.beta_chunk), f"{where}.beta",
               "must be finite")
+        check(self.name is None or plain_name(self.name), f"{where}.name",
+              f"{self.name!r} must be a plain name (letters, digits, _ . + -): it names output files")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Ray actors by passing its own `roles` client. Either way the search code is ivg/
 
 import time
 
-from ivg.config import ConfigError, GenerationConfig, MethodConfig
+from ivg.config import TRUNCATE, ConfigError, GenerationConfig, MethodConfig, check
 from ivg.models import load, load_tokenizer, same_vocab
 from ivg.sampling import Stopper
 from ivg.search import search
@@ -60,19 +60,24 @@ def eos_ids(base_tokenizer, base_generation_config=None) -> set[int]:
 
 
 class Engine:
-    def __init__(self, config: GenerationConfig, roles, tokenizer, eos: set[int]):
-        self.config, self.roles, self.tokenizer = config, roles, tokenizer
+    """`truncate` says what happens to a prompt longer than a model's context (less max_new_tokens):
+    "fail" makes its row failed; "left" cuts characters from its start until every model's view fits,
+    and the row records how many (`truncated`; the row's `prompt` stays the input's)."""
+
+    def __init__(self, config: GenerationConfig, roles, tokenizer, eos: set[int], truncate: str = "fail"):
+        check(truncate in TRUNCATE, "truncate", f"{truncate!r} is not one of {TRUNCATE}")
+        self.config, self.roles, self.tokenizer, self.truncate = config, roles, tokenizer, truncate
         self.stopper = Stopper(tokenizer, config.decode, eos)
 
     @classmethod
-    def local(cls, config: GenerationConfig) -> "Engine":
+    def local(cls, config: GenerationConfig, truncate: str = "fail") -> "Engine":
         tokenizers = {r: load_tokenizer(getattr(config.models, r))
                       for r in ("base", "tuned", "untuned", "explicit") if getattr(config.models, r)}
         check_vocabularies(config, tokenizers)
         roles = {name: load_role(name, config, tokenizers["base"]) for name in needed_roles(config)}
         base = roles["base"].models[0]
         return cls(config, LocalRoles(roles), base.tokenizer,
-                   eos_ids(base.tokenizer, getattr(base.model, "generation_config", None)))
+                   eos_ids(base.tokenizer, getattr(base.model, "generation_config", None)), truncate)
 
     def run(self, rows: list[dict], method: MethodConfig) -> list[dict]:
         """Rows with `id` and `prompt` in, one output row per prompt out, in the same order.
@@ -80,7 +85,13 @@ class Engine:
         A prompt that a model cannot take becomes a `failed` row with its reason; the others run."""
         prompts = [r["prompt"] for r in rows]
         used = {"base"} | {g for g in (method.token, method.chunk) if g != "none"}
-        checks = self.roles.call({r: ("check", (prompts, self.config.decode.max_new_tokens)) for r in used})
+        max_new = self.config.decode.max_new_tokens
+        cuts = [0] * len(rows)
+        if self.truncate == "left":  # the longest cut any role needs fits them all
+            needed = self.roles.call({r: ("cut", (prompts, max_new)) for r in used})
+            cuts = [max(c[i] for c in needed.values()) for i in range(len(rows))]
+            prompts = [p[k:] for p, k in zip(prompts, cuts)]
+        checks = self.roles.call({r: ("check", (prompts, max_new)) for r in used})
         errors = [next((f"{r}: {c[i]}" for r, c in sorted(checks.items()) if c[i]), None) for i in range(len(rows))]
         ok = [i for i, e in enumerate(errors) if e is None]
         start = time.perf_counter()
@@ -88,9 +99,9 @@ class Engine:
                          self.config.decode, self.roles, self.stopper, self.config.seed) if ok else []
         wall = (time.perf_counter() - start) / max(len(ok), 1)  # the batch's time, shared equally
         by_row = dict(zip(ok, outputs))
-        return [self.row(rows[i], method, by_row.get(i), errors[i], wall) for i in range(len(rows))]
+        return [self.row(rows[i], method, by_row.get(i), errors[i], wall, cuts[i]) for i in range(len(rows))]
 
-    def row(self, row: dict, method: MethodConfig, out, error: str | None, wall: float) -> dict:
+    def row(self, row: dict, method: MethodConfig, out, error: str | None, wall: float, truncated: int = 0) -> dict:
         """The output row of one prompt: a result, or (out=None) a failed row with its reason."""
         return {
             "id": str(row["id"]), "prompt": row["prompt"],
@@ -106,4 +117,5 @@ class Engine:
             "chunk_scores": out.chunk_scores if out else [],
             "status": "ok" if out else "failed",
             "error": error,
+            "truncated": truncated,  # characters cut from the prompt's start
         }

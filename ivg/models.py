@@ -2,14 +2,16 @@
 
 A name is a hub id, a local folder, a `.gguf` file, `asset:<name>` (fetched by `python -m jobs.assets`),
 or a tiny random model (`tiny:<x>`, see ivg/tiny.py). `trust_remote_code` stays off unless the spec
-sets it; safetensors are preferred and pickle checkpoints are refused unless `allow_pickle`.
+sets it; safetensors are preferred and pickle checkpoints are refused unless `allow_pickle`. A model
+whose weights cannot fit in its device's free memory is refused before any of them is allocated.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ivg.config import ModelSpec
 from ivg.tiny import is_tiny, tiny_model, tiny_tokenizer
@@ -64,6 +66,9 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
 def load(spec: ModelSpec, allow_pickle: bool = False) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -73,9 +78,36 @@ def load(spec: ModelSpec, allow_pickle: bool = False) -> LoadedModel:
     name, kwargs = _source(spec)
     cls = AutoModelForSequenceClassification if spec.kind == "classifier" else AutoModelForCausalLM
     # GGUF is not a pickle; otherwise demand safetensors unless pickles are explicitly allowed.
+    allow_pickle = allow_pickle or spec.allow_pickle
+    if not allow_pickle and "gguf_file" not in kwargs:
+        refuse_pickle_only(Path(name))
+    check_memory(name, cls, kwargs, dtype, device)
     safetensors = None if ("gguf_file" in kwargs or allow_pickle) else True
     model = cls.from_pretrained(name, dtype=dtype, use_safetensors=safetensors, **kwargs)
     return LoadedModel(spec, model.to(device).eval(), load_tokenizer(spec))
+
+
+def refuse_pickle_only(folder: Path) -> None:
+    """A local folder with pickle weights and no safetensors: say why it is refused and what to do."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLES for p in folder.glob(pattern))
+    if pickles:
+        raise OSError(f"{folder}: only pickle checkpoint(s) {pickles}, and loading a pickle can run code; "
+                      "convert it to safetensors, or set allow_pickle: true for a source you trust")
+
+
+def check_memory(name: str, cls, kwargs: dict, dtype: torch.dtype, device: torch.device) -> None:
+    """Count the parameters on the meta device (no memory) and refuse weights larger than the free
+    memory of `device`: a clear error now instead of an OOM kill halfway through loading."""
+    config = AutoConfig.from_pretrained(name, **kwargs)
+    with torch.device("meta"):
+        model = cls.from_config(config, trust_remote_code=kwargs["trust_remote_code"])
+    need = sum(p.numel() for p in model.parameters()) * torch.tensor([], dtype=dtype).element_size()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if need > free:
+        raise MemoryError(f"{name}: its weights need {need / 2**30:.1f} GiB in {dtype}, but {device} has only "
+                          f"{free / 2**30:.1f} GiB free; use a smaller dtype, another device, or a smaller model")
 
 
 def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:

@@ -105,16 +105,41 @@ class Role:
         errors = []
         for p in prompts:
             try:
-                for m in self.models:
-                    n, limit = len(prompt_ids(m, p)), context_length(m.model.config)
-                    if limit and n + max_new_tokens > limit:
-                        raise ValueError(f"prompt is {n} tokens; with max_new_tokens={max_new_tokens} it "
-                                         f"exceeds the context of {m.spec.name} ({limit} tokens)")
+                errors.append(self.overflow(p, max_new_tokens))
             except ValueError as e:
                 errors.append(str(e))
-            else:
-                errors.append(None)
         return errors
+
+    def cut(self, prompts: list[str], max_new_tokens: int) -> list[int]:
+        """Per prompt, the fewest characters to cut from its start so that every model's view fits its
+        context with max_new_tokens to spare (0: it fits). A binary search, as tokens grow with text;
+        a prompt that cannot fit at all gets cut whole, and `check` then says why it fails."""
+        cuts = []
+        for p in prompts:
+            if self.fits(p, max_new_tokens):
+                cuts.append(0)
+                continue
+            lo, hi = 0, len(p)  # p[lo:] does not fit; p[hi:] fits, or is as short as it gets
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if self.fits(p[mid:], max_new_tokens) else (mid, hi)
+            cuts.append(hi)
+        return cuts
+
+    def fits(self, prompt: str, max_new_tokens: int) -> bool:
+        try:
+            return self.overflow(prompt, max_new_tokens) is None
+        except ValueError:  # empty after cutting: not a length problem, `check` will say what it is
+            return True
+
+    def overflow(self, prompt: str, max_new_tokens: int) -> str | None:
+        """Why `prompt` is too long for a model of this role, or None."""
+        for m in self.models:
+            n, limit = len(prompt_ids(m, prompt)), context_length(m.model.config)
+            if limit and n + max_new_tokens > limit:
+                return (f"prompt is {n} tokens; with max_new_tokens={max_new_tokens} it exceeds the context "
+                        f"of {m.spec.name} ({limit} tokens); truncate: left would cut its start")
+        return None
 
     def close(self, sid: str) -> dict:
         return dict(self.sessions.pop(sid).tokens())

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from ivg.config import ConfigError, DecodeConfig, GenerationConfig, MethodConfig, Models, check, from_dict
+from ivg.config import TRUNCATE, ConfigError, DecodeConfig, GenerationConfig, MethodConfig, Models, check, from_dict, \
+    plain_name
 from pipeline.eval_config import EvalConfig
 from pipeline.io import OUTPUT_SCHEMA
 
@@ -27,9 +28,13 @@ ROLES = ("base", "implicit", "explicit")
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # a plain name: jobs may derive a directory from it (runs/<name>)
     seed: int = 0  # with the prompt id, the only source of randomness
     output: str | None = None  # output directory (overridden by --output)
+
+    def validate(self, where: str = "run") -> None:
+        check(plain_name(self.name), f"{where}.name",
+              f"{self.name!r} must be a plain name (letters, digits, _ . + -): jobs make directories of it")
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,16 @@ class DataConfig:
     columns: tuple[str, ...] = ()  # other input columns carried into the output rows (e.g. reference)
     limit: int | None = None  # only the first N prompts
     read_batch_rows: int = 1024  # Arrow record batch size while reading
+    # a prompt longer than a model's context (less max_new_tokens): "fail" its rows, or "left": cut
+    # characters from its start until it fits; the row's `truncated` says how many were cut
+    truncate: str = "fail"
 
     def validate(self, where: str = "data") -> None:
         check(self.path is not None, f"{where}.path", "needs an input (a file, an HF dataset id, or --input)")
         check(self.source in SOURCES, f"{where}.source", f"{self.source!r} is not one of {SOURCES}")
         check(self.limit is None or self.limit >= 1, f"{where}.limit", "must be >= 1 (or null for all)")
         check(self.read_batch_rows >= 1, f"{where}.read_batch_rows", "must be >= 1")
+        check(self.truncate in TRUNCATE, f"{where}.truncate", f"{self.truncate!r} is not one of {TRUNCATE}")
         clash = sorted(set(self.columns) & set(OUTPUT_SCHEMA.names))
         check(not clash, f"{where}.columns", f"{clash} would overwrite output columns; rename them")
 
@@ -93,9 +102,14 @@ class PipelineConfig:
     search_cpus: float = 0.25
     shard_size: int = 16  # prompts per shard (= per output file, = per search batch)
     max_in_flight: int | None = None  # shards submitted at once; default 2 per search actor
+    # Faults. A dead actor is restarted by Ray (max_restarts) and the calls it had in flight are sent
+    # again (max_task_retries); a restarted server has lost its sessions, so the searches on it fail
+    # and their shards run again (shard_retries), as does a shard whose search raised.
     max_restarts: int = 1  # Ray restarts of a dead actor
     max_task_retries: int = 1  # Ray retries of a call to an actor that died
-    shard_retries: int = 1  # a shard whose search raised is run again this many times, then marked failed
+    shard_retries: int = 2  # a shard whose search raised is run again this many times, then marked failed
+    call_timeout_s: float = 600.0  # a model call taking longer counts as a lost server: its shard is retried
+    start_timeout_s: float = 1800.0  # actors not up by then (e.g. resources no node has) fail the run
 
     def validate(self, where: str = "pipeline") -> None:
         check(self.placement in PLACEMENTS, f"{where}.placement", f"{self.placement!r} is not one of {PLACEMENTS}")
@@ -107,6 +121,8 @@ class PipelineConfig:
         check(self.max_in_flight is None or self.max_in_flight >= 1, f"{where}.max_in_flight", "must be >= 1")
         for name in ("max_restarts", "max_task_retries", "shard_retries"):
             check(getattr(self, name) >= -1, f"{where}.{name}", "must be >= 0 (or -1: unlimited)")
+        for name in ("call_timeout_s", "start_timeout_s"):
+            check(getattr(self, name) > 0, f"{where}.{name}", "must be > 0 seconds")
 
     @property
     def in_flight(self) -> int:
@@ -127,6 +143,7 @@ class Config:
 
     def __post_init__(self):
         self.generation  # validates models, decode and methods (ivg's checks)
+        self.run.validate()
         self.data.validate()
         self.pipeline.validate()
         if self.eval is not None:
@@ -152,8 +169,14 @@ class Config:
 
 
 def load_config(path: str | Path, input: str | None = None, output: str | None = None) -> Config:
-    """Read a YAML config; `input` / `output` (the command-line flags) override data.path / run.output."""
-    data = yaml.safe_load(Path(path).read_text())
+    """Read a YAML config; `input` / `output` (the command-line flags) override data.path / run.output.
+    safe_load: a config is data, and YAML tags that build Python objects are refused."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    except yaml.YAMLError as e:  # its message gives the line and column
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
     check(isinstance(data, dict), str(path), "the config must be a mapping")
     if input is not None:
         data = {**data, "data": {**(data.get("data") or {}), "path": input}}

@@ -4,9 +4,12 @@
   2. read prompts as Arrow record batches and cut stable shards; skip shards whose file exists;
   3. keep at most `max_in_flight` shards submitted (backpressure: reading never outruns searching),
      each to the least loaded search actor; every shard runs all methods, sharing the servers;
-  4. check each result holds every (prompt, method) exactly once, write it atomically, record it
-     in the manifest, print progress; a shard that raised is retried, then marked failed.
-Runs in the driver (`jobs/generate.py`); an interrupt loses only the shards in flight.
+  4. check each result holds every (prompt, method) exactly once, write it atomically, record its
+     rows and sha256 in the manifest, print progress; a shard that raised is retried, then marked failed.
+Runs in the driver (`jobs/generate.py`). A driver killed at any moment loses only the shards in
+flight: a rerun into the same directory skips every shard whose file matches the manifest (or, if the
+driver died between writing a file and recording it, whose rows check out), and redoes the rest,
+including truncated or corrupt files (kept beside as *.corrupt for a look).
 """
 
 import math
@@ -16,18 +19,19 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import yaml
 
 from ivg.config import ConfigError
-from ivg.engine import check_vocabularies
+from ivg.engine import check_vocabularies, needed_roles
 from ivg.models import load_tokenizer
 from pipeline.config import Config
-from pipeline.io import Manifest, Shard, count_prompts, cut_shards, read_prompts, remove_stale_temps, \
-    write_parquet_atomic, write_text_atomic
+from pipeline.io import Manifest, Shard, child_path, count_prompts, cut_shards, read_prompts, remove_stale_temps, \
+    sha256_file, write_parquet_atomic, write_text_atomic
 from pipeline.remote import ServerRef
 from pipeline.search_actor import SearchActor, ShardResult
-from ivg.engine import needed_roles
 from pipeline.servers import ModelServer
 
 
@@ -70,14 +74,45 @@ def start_cluster(config: Config) -> Cluster:
                 for k in range(p.search_actors)]
     actor = ray.remote(SearchActor).options(num_cpus=p.search_cpus, max_restarts=p.max_restarts,
                                             max_task_retries=p.max_task_retries)
-    searchers = [actor.remote(gen, refs, config.data.columns) for refs in refs_for]
-    ray.get([s.ready.remote() for s in searchers])  # they wait for their servers: all are up
+    searchers = [actor.remote(gen, refs, f"search-{k}", config.data.columns, config.data.truncate, p.call_timeout_s)
+                 for k, refs in enumerate(refs_for)]
+    wait_started({f"model server {name}[{i}]": h.info.remote() for name, hs in servers.items()
+                  for i, h in enumerate(hs)}, p.start_timeout_s)
+    wait_started({f"search actor {k}": s.ready.remote() for k, s in enumerate(searchers)}, p.start_timeout_s)
     return Cluster(servers, searchers, placement)
+
+
+def wait_started(refs: dict, timeout_s: float) -> None:
+    """Wait for actors to come up; name the one that failed (its own error's last line) or never
+    started (Ray queues an actor whose resources no node has: without a limit that is a silent hang)."""
+    _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    for name, ref in refs.items():
+        if ref in pending:
+            raise RuntimeError(f"{name} did not start within pipeline.start_timeout_s={timeout_s:g}s; does the "
+                               f"cluster have the resources it asks for (pipeline.servers, search_cpus)?")
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            cause = [line for line in str(e).splitlines() if line.strip()][-1]
+            raise RuntimeError(f"{name} failed to start: {cause}") from None
 
 
 def stop_cluster(cluster: Cluster) -> None:
     for handle in cluster.searchers + [h for hs in cluster.servers.values() for h in hs]:
         ray.kill(handle)
+
+
+def tokenizers(config: Config) -> dict:
+    found = {}
+    for role in ("base", "tuned", "untuned", "explicit"):
+        spec = getattr(config.models, role)
+        if spec is None:
+            continue
+        try:
+            found[role] = load_tokenizer(spec)
+        except Exception as e:  # unknown hub id, missing folder, no tokenizer files: name the field
+            raise ConfigError(f"models.{role}.name: cannot load {spec.name!r} ({type(e).__name__}: {e})") from None
+    return found
 
 
 def server_stats(cluster: Cluster) -> dict:
@@ -89,16 +124,15 @@ def generate(config: Config, log=print) -> RunSummary:
     if config.run.output is None:
         raise ConfigError("run.output: needs an output directory (or --output DIR)")
     out = Path(config.run.output)
+    # models and input are checked first, from tokenizers and the file's schema alone: a bad config
+    # or input fails in seconds, before any actor loads weights and before anything is written
+    check_vocabularies(config.generation, tokenizers(config))
     (out / "shards").mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(out / "manifest.json", config.resolved(), config.fingerprint())
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
-    remove_stale_temps(out / "shards")
-    # vocabularies are checked from tokenizers alone, before any actor loads weights
-    check_vocabularies(config.generation, {r: load_tokenizer(getattr(config.models, r))
-                                           for r in ("base", "tuned", "untuned", "explicit")
-                                           if getattr(config.models, r)})
-    manifest.start_run(search_actors=config.pipeline.search_actors)
     scheduler = Scheduler(config, manifest, out, log)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
+    remove_stale_temps(out / "shards", out)
+    manifest.start_run(search_actors=config.pipeline.search_actors)
     status, stats = "error", {}
     try:
         counts = scheduler.run()
@@ -157,12 +191,43 @@ class Scheduler:
         if self.retry:
             return self.retry.popleft()
         for shard in self.shards:
-            if self.path(shard).exists():  # the file is the truth: written atomically, so complete
-                self.counts["skipped"] += 1
-                self.manifest.shard(shard.id, index=shard.index, state="done", prompts=len(shard.rows))
-                continue
+            path = self.path(shard)
+            if path.exists():
+                problem = self.verify(shard, path)
+                if problem is None:
+                    self.counts["skipped"] += 1
+                    self.manifest.shard(shard.id, index=shard.index, state="done", prompts=len(shard.rows))
+                    continue
+                path.replace(path.with_name(path.name + ".corrupt"))  # not *.parquet: readers skip it
+                self.log(f"[generate] shard {shard.id}: {problem}; computing it again", file=sys.stderr)
             return shard, 1
         return None
+
+    def verify(self, shard: Shard, path: Path) -> str | None:
+        """Why the file at `path` is not this shard's complete output (None if it is). Its sha256 is
+        compared with the manifest's; with none recorded (the driver died between writing the file
+        and the manifest) the file is read whole and its rows checked, then its sha256 recorded."""
+        recorded = self.manifest.data["shards"].get(shard.id, {}).get("sha256")
+        if recorded is not None:
+            return None if sha256_file(path) == recorded else "its sha256 is not the manifest's (truncated or corrupt)"
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as e:
+            return f"unreadable ({e})"
+        if (table.schema.metadata or {}).get(b"ivg.fingerprint") != self.config.fingerprint().encode():
+            return "written by another config"
+        if problem := self.missing_or_repeated(shard, table):
+            return problem
+        self.manifest.shard(shard.id, rows=table.num_rows, sha256=sha256_file(path))
+        return None
+
+    def missing_or_repeated(self, shard: Shard, table: pa.Table) -> str | None:
+        """None if `table` holds every (prompt, method) of the shard exactly once."""
+        got = Counter(zip(table.column("id").to_pylist(), table.column("method").to_pylist()))
+        want = Counter((r["id"], m.label) for m in self.config.methods for r in shard.rows)
+        if got == want:
+            return None
+        return f"rows missing {sorted(want - got)[:5]} or repeated/unexpected {sorted(got - want)[:5]}"
 
     def submit(self, shard: Shard, attempt: int) -> None:
         if self.cluster is None:
@@ -172,20 +237,18 @@ class Scheduler:
         self.load[actor] += 1
         self.in_flight[self.cluster.searchers[actor].run.remote(shard)] = (shard, actor, attempt)
         self.manifest.shard(shard.id, index=shard.index, state="running", prompts=len(shard.rows),
-                            attempts=attempt)
+                            attempts=attempt, sha256=None)
 
     def finished(self, shard: Shard, result: ShardResult, attempt: int) -> None:
-        methods = [m.label for m in self.config.methods]
-        got = Counter(zip(result.table.column("id").to_pylist(), result.table.column("method").to_pylist()))
-        want = Counter((r["id"], m) for m in methods for r in shard.rows)
-        assert got == want, f"shard {shard.id}: rows missing or repeated: {(got - want) + (want - got)}"
-        write_parquet_atomic(result.table, self.path(shard), {"ivg.shard": shard.id,
-                                                              "ivg.fingerprint": self.config.fingerprint()})
+        if problem := self.missing_or_repeated(shard, result.table):
+            return self.failed(shard, attempt, RuntimeError(f"shard {shard.id}: {problem}"))
+        digest = write_parquet_atomic(result.table, self.path(shard), {"ivg.shard": shard.id,
+                                                                       "ivg.fingerprint": self.config.fingerprint()})
         self.counts["done"] += 1
         self.counts["prompts"] += len(shard.rows)
         self.manifest.shard(shard.id, state="done", rows=result.table.num_rows, failed_rows=result.failed_rows,
-                            seconds=round(result.seconds, 3), attempts=attempt, error=None)
-        self.progress(f"shard {shard.id}: {len(shard.rows)} prompts x {len(methods)} methods in "
+                            seconds=round(result.seconds, 3), attempts=attempt, error=None, sha256=digest)
+        self.progress(f"shard {shard.id}: {len(shard.rows)} prompts x {len(self.config.methods)} methods in "
                       f"{result.seconds:.1f}s, {result.failed_rows} failed rows")
 
     def failed(self, shard: Shard, attempt: int, error: Exception) -> None:
@@ -199,7 +262,7 @@ class Scheduler:
         self.progress(f"shard {shard.id} FAILED after {attempt} attempts: {error!r}"[:500])
 
     def path(self, shard: Shard) -> Path:
-        return self.out / "shards" / f"{shard.id}.parquet"
+        return child_path(self.out / "shards", f"{shard.id}.parquet")
 
     def progress(self, what: str) -> None:
         c = self.counts

@@ -10,6 +10,7 @@
 """
 
 from dataclasses import dataclass, fields
+from pathlib import PurePath
 
 from ivg.gold import GoldSpec
 
@@ -33,6 +34,10 @@ class EvalConfig:
     plot: str = "report.png"
 
     def __post_init__(self):
+        for name in ("evaluated_dir", "summary", "report", "plot"):  # all under the run directory
+            path = PurePath(getattr(self, name))
+            if path.is_absolute() or ".." in path.parts or not path.parts:
+                raise ValueError(f"eval.{name}: {str(path)!r} must be a relative path inside the run directory")
         if self.gold is None and self.alpaca is None:
             raise ValueError("eval: set eval.gold, eval.alpaca, or both; there is nothing to evaluate")
         if self.alpaca and self.alpaca.judge == "offline" and self.alpaca.judge_model is None and self.gold is None:

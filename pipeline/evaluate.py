@@ -26,6 +26,7 @@ from scipy import stats
 from ivg.alpaca import api_annotations, length_controlled_winrate, offline_annotations
 from ivg.gold import GoldScorer
 from pipeline.eval_config import EvalConfig
+from pipeline.io import child_path
 from pipeline.report import write_report
 
 Scorer = Callable[[list[str], list[str]], list[float]]
@@ -64,6 +65,8 @@ def read_shards(run_dir: Path) -> pd.DataFrame:
     if not files:
         raise FileNotFoundError(f"{run_dir}/shards: no *.parquet files; is this a finished generate run?")
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    if "model_tokens" in df.columns:  # a Parquet map reads back as (key, value) pairs: make it a dict again
+        df["model_tokens"] = df["model_tokens"].map(_as_dict)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"{run_dir}/shards: rows lack column(s) {missing} (DESIGN.md output rows)")
@@ -123,7 +126,7 @@ def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
         rows.loc[g.index, "judge"] = ann["annotator"].iloc[0]
         ann = ann.sort_index()  # file order = instruction order, as alpaca_eval writes it
         annotations_dir.mkdir(parents=True, exist_ok=True)
-        ann.to_json(annotations_dir / f"{method}.json", orient="records", indent=1)
+        ann.to_json(child_path(annotations_dir, f"{method}.json"), orient="records", indent=1)
         lc[method] = length_controlled_winrate(ann, a.glm_inputs)
     return lc
 

@@ -4,8 +4,15 @@ Output layout of a run directory:
   DIR/config.yaml               the resolved config
   DIR/manifest.json             config, fingerprint, versions, git revision, runs, shard states
   DIR/shards/<shard-id>.parquet one file per shard: every method's row for each of its prompts
-A shard file appears only complete (written to a temp name in the same folder, then renamed), so
-"the file exists" means "the shard is done", which is all a rerun needs to skip it.
+A shard file appears only complete (written to a temp name in the same folder, then renamed), and
+the manifest records its row count and sha256; a rerun skips a shard whose file matches them, and
+redoes one that is truncated or corrupt. A shard's file name is derived from its index and a hash of
+its ids, never from user input, and is checked to stay inside the output directory.
+
+Input rows are checked as they are read. A fault of the whole input (missing or mistyped column,
+unreadable or empty file, null or duplicate id) is an `InputError` naming the column or row; a fault
+of one prompt (null, empty, invalid UTF-8) travels with its row as `error` and becomes a failed
+output row, so its neighbours still run. Rows count from 0 in input order.
 """
 
 import hashlib
@@ -34,41 +41,90 @@ OUTPUT_SCHEMA = pa.schema([
     ("model_tokens", pa.map_(pa.string(), pa.int64())),  # role -> tokens its models processed
     ("wall_s", pa.float64()), ("score", pa.float64()),
     ("chunk_scores", pa.list_(pa.float64())),  # the kept beam's value after each chunk
-    ("status", pa.string()), ("error", pa.string()), ("shard", pa.string()),
+    ("status", pa.string()), ("error", pa.string()),
+    ("truncated", pa.int32()),  # characters cut from the prompt's start to fit the context (data.truncate: left)
+    ("shard", pa.string()),
 ])
 VERSIONED = ("ivg", "torch", "transformers", "ray", "pyarrow", "datasets", "numpy")
 
 
 # ---------------------------------------------------------------- reading prompts
 
+class InputError(ValueError):
+    """The input cannot be read as prompts; the message names the file, column or row."""
+
+
 def read_prompts(path: str, source: str = "auto", *, split: str = "train", subset: str | None = None,
                  id_column: str | None = "id", prompt_column: str = "prompt", columns=(),
                  batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
-    """Record batches with `id` (string), `prompt` and the carried `columns`, in input order."""
+    """Record batches with `id`, `prompt` and the carried `columns`, in input order. The file is opened
+    and its columns checked now, so a bad input fails before any actor starts; rows are read lazily."""
     kind = source if source != "auto" else _sniff(path)
     wanted = [c for c in (id_column, prompt_column, *columns) if c is not None]
-    if kind == "parquet":
-        file = pq.ParquetFile(path)
-        _require(file.schema_arrow.names, wanted, path)
-        batches = file.iter_batches(batch_size=batch_rows, columns=wanted)
-    elif kind == "jsonl":
-        reader = pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=1 << 20))
-        _require(reader.schema.names, wanted, path)
-        batches = (b.select(wanted) for b in reader)
-    else:
-        import datasets  # lazy: only HF sources need it
+    try:
+        if kind == "parquet":
+            file = pq.ParquetFile(path)
+            _check_schema(file.schema_arrow, id_column, prompt_column, wanted, path)
+            batches = file.iter_batches(batch_size=batch_rows, columns=wanted)
+        elif kind == "jsonl":
+            reader = pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=1 << 20))
+            _check_schema(reader.schema, id_column, prompt_column, wanted, path)
+            batches = (b.select(wanted) for b in reader)
+        else:
+            import datasets  # lazy: only HF sources need it
 
-        ds = datasets.load_dataset(path, subset, split=split)
-        _require(ds.column_names, wanted, path)
-        batches = (b for t in ds.select_columns(wanted).with_format("arrow").iter(batch_rows)
-                   for b in t.to_batches())
+            ds = datasets.load_dataset(path, subset, split=split)
+            _check_schema(ds.data.schema, id_column, prompt_column, wanted, path)
+            batches = (b for t in ds.select_columns(wanted).with_format("arrow").iter(batch_rows)
+                       for b in t.to_batches())
+    except InputError:
+        raise
+    except pa.ArrowInvalid as e:
+        if "Empty JSON" in str(e):
+            raise InputError(f"{path}: no prompts (the file is empty)") from None
+        raise InputError(f"{path}: cannot read it as {kind}: {e}") from None
+    except Exception as e:  # missing, unreadable, not this format: say which file and why
+        raise InputError(f"{path}: cannot read prompts ({type(e).__name__}: {e})") from None
+    return _renamed(batches, path, id_column, prompt_column, columns)
+
+
+def _renamed(batches, path, id_column, prompt_column, columns) -> Iterator[pa.RecordBatch]:
     start = 0
-    for batch in batches:
-        ids = (pa.array([str(start + i) for i in range(batch.num_rows)]) if id_column is None
-               else batch.column(id_column).cast(pa.string()))
-        start += batch.num_rows
-        yield pa.RecordBatch.from_arrays([ids, batch.column(prompt_column)] + [batch.column(c) for c in columns],
-                                         names=["id", "prompt", *columns])
+    try:
+        for batch in batches:
+            ids = (pa.array([str(start + i) for i in range(batch.num_rows)]) if id_column is None
+                   else _ids_as_text(batch.column(id_column)))
+            start += batch.num_rows
+            yield pa.RecordBatch.from_arrays([ids, batch.column(prompt_column)] + [batch.column(c) for c in columns],
+                                             names=["id", "prompt", *columns])
+    except pa.ArrowInvalid as e:  # e.g. JSONL whose column changes type part way ("... in row N" of a block)
+        raise InputError(f"{path}: reading from input row {start}: {e}") from None
+    if start == 0:
+        raise InputError(f"{path}: no prompts (the input has no rows)")
+
+
+def _ids_as_text(column: pa.Array) -> pa.Array:
+    return column if _is_text(column.type) else column.cast(pa.string())  # integers -> "3"
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _check_schema(schema: pa.Schema, id_column, prompt_column, wanted, path) -> None:
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; it has {schema.names} "
+                         "(set data.id_column / data.prompt_column / data.columns)")
+    if id_column is not None:
+        t = schema.field(id_column).type
+        if not (_is_text(t) or pa.types.is_integer(t)):
+            raise InputError(f"{path}: column {id_column!r} (data.id_column) has type {t}; ids must be strings "
+                             "or integers")
+    t = schema.field(prompt_column).type
+    if not (_is_text(t) or pa.types.is_null(t)):
+        raise InputError(f"{path}: column {prompt_column!r} (data.prompt_column) has type {t}; prompts must "
+                         "be strings")
 
 
 def count_prompts(path: str, source: str = "auto") -> int | None:
@@ -91,43 +147,70 @@ def _sniff(path: str) -> str:
     return "hf"
 
 
-def _require(have, wanted, path) -> None:
-    missing = [c for c in wanted if c not in have]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; it has {list(have)} "
-                         "(set data.id_column / data.prompt_column / data.columns)")
-
-
 # ---------------------------------------------------------------- shards
 
 @dataclass(frozen=True)
 class Shard:
     index: int  # position in the input
     id: str  # "<index>-<hash of the ids>": the same prompts give the same id on every rerun
-    rows: tuple[dict, ...]  # [n] {id, prompt, *carried columns}
+    rows: tuple[dict, ...]  # [n] {id, prompt, *carried columns, error: why this prompt cannot run, or None}
 
 
 def cut_shards(batches: Iterator[pa.RecordBatch], size: int, limit: int | None = None) -> Iterator[Shard]:
-    """Re-chunk record batches into shards of `size` prompts; ids must be unique and non-null."""
-    seen: set[str] = set()
+    """Re-chunk record batches into shards of `size` prompts; ids must be unique and non-null (an id
+    keys its output rows and the resume: a duplicate would silently overwrite, so it is an error)."""
+    first_row: dict[str, int] = {}  # id -> the row it first appeared in
     pending: list[dict] = []
     index = n = 0
     for batch in batches:
-        for row in batch.to_pylist():
+        for row in batch_rows(batch):
             if limit is not None and n >= limit:
                 break
             if row["id"] is None:
-                raise ValueError(f"input row {n} has a null id; ids must be unique strings")
-            if row["id"] in seen:
-                raise ValueError(f"input id {row['id']!r} appears twice; ids must be unique")
-            seen.add(row["id"])
-            pending.append(row)
+                raise InputError(f"input row {n}: the id is null (data.id_column); ids must be unique strings")
+            if "id" in row["error"]:
+                raise InputError(f"input row {n}: {row['error']['id']}; ids must be unique strings")
+            if row["id"] in first_row:
+                raise InputError(f"input rows {first_row[row['id']]} and {n}: id {row['id']!r} appears twice; "
+                                 "ids must be unique (they key the output rows and the resume)")
+            first_row[row["id"]] = n
+            pending.append(check_prompt(row))
             n += 1
             if len(pending) == size:
                 yield make_shard(index, pending)
                 index, pending = index + 1, []
     if pending:
         yield make_shard(index, pending)
+
+
+def batch_rows(batch: pa.RecordBatch) -> list[dict]:
+    """The batch as dicts; text that is not valid UTF-8 is decoded with replacement characters and the
+    row's `error` ({column: why}) names the column and byte (pyarrow's to_pylist would fail the batch)."""
+    columns, errors = {}, [{} for _ in range(batch.num_rows)]
+    for name, col in zip(batch.schema.names, batch.columns):
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            try:
+                col.validate(full=True)
+            except pa.ArrowInvalid:
+                col = col.view(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary())
+        values = col.to_pylist()
+        for i, v in enumerate(values):
+            if isinstance(v, bytes):
+                try:
+                    values[i] = v.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    values[i] = v.decode("utf-8", errors="replace")
+                    errors[i].setdefault(name, f"{name} is not valid UTF-8 (byte {e.start})")
+        columns[name] = values
+    return [{**{k: v[i] for k, v in columns.items()}, "error": errors[i]} for i in range(batch.num_rows)]
+
+
+def check_prompt(row: dict) -> dict:
+    """The row with `error` set to why its prompt cannot run (None if it can)."""
+    p = row["prompt"]
+    error = "; ".join(row["error"].values()) or (
+        "prompt is null" if p is None else "prompt is empty" if not p.strip() else None)
+    return {**row, "error": error}
 
 
 def make_shard(index: int, rows: list[dict]) -> Shard:
@@ -145,17 +228,38 @@ def rows_to_table(rows: list[dict], columns=()) -> pa.Table:
     return table
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write `path` so that readers see the whole file or none: a temp file beside it, then rename."""
+def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> str:
+    """Write `path` so that readers see the whole file or none: a temp file beside it, flushed to
+    disk, then renamed. Returns the file's sha256, for the manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")  # not *.parquet: globs never see it
     try:
         pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # a crash after the rename must not leave a renamed but empty file
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def child_path(folder: Path, name: str) -> Path:
+    """folder/name, refusing a name that would land anywhere else (separators, `..`, absolute)."""
+    path = folder / name
+    if Path(name).name != name or name in ("", ".", "..") or path.resolve().parent != folder.resolve():
+        raise ValueError(f"{name!r} is not a plain file name inside {folder}")
+    return path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -164,9 +268,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def remove_stale_temps(folder: Path) -> int:
-    """Temp files left by an interrupted run (never renamed, so never a finished shard)."""
-    stale = list(folder.glob("*.tmp-*")) if folder.is_dir() else []
+def remove_stale_temps(*folders: Path) -> int:
+    """Temp files left by an interrupted run (never renamed, so never a finished shard or manifest)."""
+    stale = [p for folder in folders if folder.is_dir() for p in folder.glob("*.tmp-*")]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
@@ -212,7 +316,10 @@ class Manifest:
         """Load the manifest of a previous run into this directory, or start one; refuse a directory
         whose rows were made by another config (mixing them would make a meaningless table)."""
         if path.exists():
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as e:  # written atomically, so only an outside edit gets here
+                raise ValueError(f"{path}: not valid JSON ({e}); fix it or use a new output directory") from None
             if data.get("fingerprint") != fingerprint:
                 raise ValueError(f"{path.parent} holds outputs of another config (fingerprint "
                                  f"{data.get('fingerprint')} != {fingerprint}); use a new output directory")
@@ -222,6 +329,9 @@ class Manifest:
         return cls(path, data)
 
     def start_run(self, **info) -> None:
+        for run in self.data["runs"]:
+            if run["status"] == "running":  # its driver was killed: it never got to say how it ended
+                run["status"] = "died"
         self.data["runs"].append({"started": now(), "ended": None, "status": "running",
                                   "versions": versions(), "git": git_revision(), **info})
         self.save()

@@ -4,6 +4,9 @@
 `LocalRoles` (ivg/engine.py) answers it in-process; `RemoteRoles` answers it by sending each server
 the calls for the roles it holds (one request per server, all servers at once) and waiting for all
 of them. So the same search code drives local models and remote servers.
+
+No wait is unbounded: a call that takes longer than `timeout_s` raises `GetTimeoutError`, which the
+search actor treats like a lost server (the shard is retried), so a wedged actor cannot hang the run.
 """
 
 from dataclasses import dataclass
@@ -18,8 +21,8 @@ class ServerRef:
 
 
 class RemoteRoles:
-    def __init__(self, servers: list[ServerRef]):
-        self.servers = servers
+    def __init__(self, servers: list[ServerRef], client: str, timeout_s: float):
+        self.servers, self.client, self.timeout_s = servers, client, timeout_s
         self.server_of = {role: i for i, s in enumerate(servers) for role in s.roles}
         self.open_sessions: set[str] = set()  # sessions to drop if a search fails midway
 
@@ -30,16 +33,20 @@ class RemoteRoles:
         methods = {method: args[0] for method, args in calls.values()}
         if "open" in methods:  # before sending: a server may open it even if another one fails
             self.open_sessions.add(methods["open"])
-        refs = [self.servers[i].handle.call.remote(c) for i, c in per_server.items()]
+        refs = [self.servers[i].handle.call.remote(c, self.client) for i, c in per_server.items()]
         out = {}
-        for result in ray.get(refs):
+        for result in ray.get(refs, timeout=self.timeout_s):
             out.update(result)
         if "close" in methods:
             self.open_sessions.discard(methods["close"])
         return out
 
     def drop_open_sessions(self) -> None:
-        """After a failed search: free its sessions' caches on every server (best effort)."""
+        """After a failed search: free its sessions' caches on every server. Best effort: a server
+        that is gone has lost them anyway, and this client's next `open` drops any left over."""
         sids, self.open_sessions = sorted(self.open_sessions), set()
         if sids:
-            ray.get([s.handle.drop.remote(sids) for s in self.servers])
+            try:
+                ray.get([s.handle.drop.remote(sids) for s in self.servers], timeout=self.timeout_s)
+            except ray.exceptions.RayError:  # includes GetTimeoutError
+                pass

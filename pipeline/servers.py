@@ -18,6 +18,12 @@ Outputs equal the unmerged ones up to float summation order (the same property t
 prompt's output independent of its batch). The price is one extra copy of the sessions' caches
 per step (DynamicCache already copies them once per step in torch.cat), measured in `stats()`.
 Other calls (open, select, chunk, check, close) run as they arrive: they are per chunk, not per token.
+
+Faults: sessions live in the server's memory, so a server that Ray restarted has none. A call for a
+session it does not hold raises `SessionLost`, which the search actor treats as a lost process: the
+shard runs again from the start. A search actor runs one search at a time, so when a client (search
+actor) opens a session, any other session it still holds here was left by a search that died (or
+by its previous life, before Ray restarted it) and is dropped: dead searches never leak caches.
 """
 
 import asyncio
@@ -31,7 +37,13 @@ from ivg.models import load_tokenizer
 from ivg.stream import extend_together
 
 
+class SessionLost(RuntimeError):
+    """This server does not hold the session (it was restarted, or the search was dropped)."""
+
+
 # ---------------------------------------------------------------- the server
+
+SESSION_METHODS = ("select", "next", "chunk", "close")  # calls on an open session
 
 class ModelServer:
     """Serves `roles` to many searches. A plain class, so tests can drive it without Ray; the
@@ -48,6 +60,7 @@ class ModelServer:
         self.flusher: asyncio.Task | None = None
         self.counts = Counter()  # next requests, forwards, merge seconds, ...
         self.sessions_per_forward = Counter()  # {sessions merged into one forward: times}
+        self.client_of: dict[str, str] = {}  # session id -> the client (search actor) that opened it
 
     def info(self) -> dict:
         base = self.roles.get("base")
@@ -58,15 +71,20 @@ class ModelServer:
                 "eos": sorted(eos_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None)))}
 
     def stats(self) -> dict:
-        return {**self.counts, "sessions_per_forward": dict(self.sessions_per_forward)}
+        return {**self.counts, "sessions_per_forward": dict(self.sessions_per_forward),
+                "open_sessions": len(self.client_of)}
 
-    async def call(self, calls: dict) -> dict:
+    async def call(self, calls: dict, client: str | None = None) -> dict:
         """{role: (method, args)} -> {role: result}; `next` calls are batched across callers."""
         out, batched = {}, {}
         for role, (method, args) in calls.items():
+            if method == "open":
+                self.open_for(client, args[0])
+            elif method in SESSION_METHODS and args[0] not in self.roles[role].sessions:
+                # checked before anything runs or joins a batch: this caller fails alone
+                raise SessionLost(f"{role}: no session {args[0]!r} here (the server was restarted, or the "
+                                  "search dropped)")
             if method == "next" and self.window > 0:
-                if args[0] not in self.roles[role].sessions:  # fail this caller alone, not its batch
-                    raise KeyError(f"{role}: no session {args[0]!r} here (was this server restarted?)")
                 batched[role] = args
             else:
                 out[role] = self.run(role, method, args)
@@ -76,6 +94,8 @@ class ModelServer:
 
     def run(self, role: str, method: str, args: tuple):
         result = getattr(self.roles[role], method)(*args)
+        if method == "close":
+            self.client_of.pop(args[0], None)
         if method == "next":
             self.counts["next_requests"] += 1
             self.counts["forwards"] += 1
@@ -87,6 +107,14 @@ class ModelServer:
         for role in self.roles.values():
             for sid in sids:
                 role.sessions.pop(sid, None)
+        for sid in sids:
+            self.client_of.pop(sid, None)
+
+    def open_for(self, client: str | None, sid: str) -> None:
+        """Record who opens `sid`; the client's older sessions belong to searches that died."""
+        if client is not None:
+            self.drop([s for s, c in self.client_of.items() if c == client and s != sid])
+        self.client_of[sid] = client
 
     # ------------------------------------------------------------ dynamic batching of `next`
 
@@ -118,6 +146,15 @@ class ModelServer:
         if self.flusher is not None:
             self.flusher.cancel()
             self.flusher = None
+        # a session dropped while its call waited (its search died and was replaced) fails alone
+        live = []
+        for request, future in queue:
+            gone = [sid for role, (sid, _) in request.items() if sid not in self.roles[role].sessions]
+            if gone:
+                future.set_exception(SessionLost(f"session {gone[0]!r} was dropped while waiting"))
+            else:
+                live.append((request, future))
+        queue = live
         if not queue:
             return
         try:

@@ -42,7 +42,7 @@ def test_pipeline_rows_equal_in_process_engine(ray_local, expected, tmp_path, pl
     assert {r["dataset"] for r in rows} == {"test"}  # carried input column
     failed = {r["id"]: r["error"] for r in rows if r["status"] == "failed"}
     assert set(failed) == {"p8", "p9"} and "exceeds the context" in failed["p8"]
-    assert failed["p9"] == "prompt is NoneType, not text"
+    assert failed["p9"] == "prompt is null"
 
     # dynamic batching: some forward of the base server served both search actors at once
     base = summary.servers["colocated[0]" if placement == "colocated" else "base[0]"]
