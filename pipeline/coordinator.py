@@ -9,7 +9,7 @@
 Runs in the driver (`jobs/generate.py`). A driver killed at any moment loses only the shards in
 flight: a rerun into the same directory skips every shard whose file matches the manifest (or, if the
 driver died between writing a file and recording it, whose rows check out), and redoes the rest,
-including truncated or corrupt files (kept beside as *.corrupt for a look).
+including truncated or corrupt files (moved to DIR/corrupt/ for a look).
 """
 
 import math
@@ -198,7 +198,9 @@ class Scheduler:
                     self.counts["skipped"] += 1
                     self.manifest.shard(shard.id, index=shard.index, state="done", prompts=len(shard.rows))
                     continue
-                path.replace(path.with_name(path.name + ".corrupt"))  # not *.parquet: readers skip it
+                aside = self.out / "corrupt"  # kept for a look, outside shards/ where readers glob
+                aside.mkdir(exist_ok=True)
+                path.replace(child_path(aside, path.name))
                 self.log(f"[generate] shard {shard.id}: {problem}; computing it again", file=sys.stderr)
             return shard, 1
         return None

@@ -4,6 +4,7 @@ Output layout of a run directory:
   DIR/config.yaml               the resolved config
   DIR/manifest.json             config, fingerprint, versions, git revision, runs, shard states
   DIR/shards/<shard-id>.parquet one file per shard: every method's row for each of its prompts
+  DIR/corrupt/<shard-id>.parquet shard files a rerun found truncated or corrupt (and computed again)
 A shard file appears only complete (written to a temp name in the same folder, then renamed), and
 the manifest records its row count and sha256; a rerun skips a shard whose file matches them, and
 redoes one that is truncated or corrupt. A shard's file name is derived from its index and a hash of
