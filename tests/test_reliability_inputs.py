@@ -1,0 +1,257 @@
+"""Bad input, bad configs, bad models: each is a clear error naming the field, file or row, or a
+`failed` row with its reason, and never takes its neighbours down. Also the security rules:
+safe YAML, no remote code or pickles unless asked, no output path outside the output directory."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from transformers import GPT2Config
+
+from ivg.config import ConfigError, ModelSpec
+from ivg.engine import Engine
+from ivg.models import _source, load
+from ivg.tiny import tiny_model, tiny_tokenizer
+from pipeline.config import load_config
+from pipeline.coordinator import generate
+from pipeline.io import InputError, child_path, cut_shards, read_prompts
+from pipeline_fixtures import SMOKE, ray_local, read_rows, tiny_config, write_prompts  # noqa: F401
+from reliability_helpers import METHODS, content, reference_rows
+
+LONG = "x" * 2000  # the tiny models' context is 1024 tokens (characters)
+
+
+def jsonl(path, *lines: bytes):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def parquet(path, **columns):
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def shard_rows(path, **kw) -> list[dict]:
+    return [r for s in cut_shards(read_prompts(str(path), **kw), 2) for r in s.rows]
+
+
+# ---------------------------------------------------------------- the whole input is wrong: InputError
+
+BAD_INPUTS = {
+    "missing id column": (lambda d: jsonl(d / "a.jsonl", b'{"prompt": "x"}'), r"missing column\(s\) \['id'\]"),
+    "missing prompt column": (lambda d: jsonl(d / "a.jsonl", b'{"id": "a", "text": "x"}'),
+                              r"missing column\(s\) \['prompt'\]"),
+    "duplicate ids": (lambda d: jsonl(d / "a.jsonl", b'{"id": "a", "prompt": "x"}', b'{"id": "b", "prompt": "y"}',
+                                      b'{"id": "a", "prompt": "z"}'), r"input rows 0 and 2: id 'a' appears twice"),
+    "null id": (lambda d: jsonl(d / "a.jsonl", b'{"id": "a", "prompt": "x"}', b'{"id": null, "prompt": "y"}'),
+                r"input row 1: the id is null"),
+    "id not UTF-8": (lambda d: jsonl(d / "a.jsonl", b'{"id": "a", "prompt": "x"}', b'{"id": "b\xff", "prompt": "y"}'),
+                     r"input row 1: id is not valid UTF-8 \(byte 1\)"),
+    "id of a list type": (lambda d: jsonl(d / "a.jsonl", b'{"id": [1], "prompt": "x"}'),
+                          r"column 'id' \(data.id_column\) has type list"),
+    "NaN ids (a float column)": (lambda d: parquet(d / "a.parquet", id=[1.0, float("nan")], prompt=["x", "y"]),
+                                 r"column 'id' \(data.id_column\) has type double"),
+    "prompts of int type": (lambda d: jsonl(d / "a.jsonl", b'{"id": "a", "prompt": 1}'),
+                            r"column 'prompt' \(data.prompt_column\) has type int64; prompts must be strings"),
+    "NaN prompts (a float column)": (lambda d: parquet(d / "a.parquet", id=["a"], prompt=[float("nan")]),
+                                     r"column 'prompt' \(data.prompt_column\) has type double"),
+    "type changes mid-file": (lambda d: jsonl(d / "a.jsonl", b'{"id": "a", "prompt": "x"}', b'{"id": "b", "prompt": 5}'),
+                              r"a.jsonl: .*changed from string to number in row 1"),
+    "NaN literal in JSON": (lambda d: jsonl(d / "a.jsonl", b'{"id": "a", "prompt": "x"}', b'{"id": "b", "prompt": NaN}'),
+                            r"a.jsonl: .*in row 1"),
+    "broken JSON": (lambda d: jsonl(d / "a.jsonl", b'{"id": "a", "prompt": "x"}', b'{"id": "b", prompt'),
+                    r"a.jsonl: cannot read it as jsonl: JSON parse error"),
+    "empty JSONL file": (lambda d: jsonl(d / "a.jsonl"), r"a.jsonl: no prompts \(the file is empty\)"),
+    "Parquet file with no rows": (lambda d: parquet(d / "a.parquet", id=pa.array([], pa.string()),
+                                                    prompt=pa.array([], pa.string())), r"a.parquet: no prompts"),
+    "missing file": (lambda d: d / "nowhere.jsonl", r"nowhere.jsonl: cannot read prompts \(FileNotFoundError"),
+    "not a Parquet file": (lambda d: (d / "a.parquet").write_bytes(b"hello, not parquet") and d / "a.parquet",
+                           r"a.parquet: cannot read it as parquet: .*magic bytes"),
+    "unreadable (a directory)": (lambda d: (d / "dir.jsonl").mkdir() or d / "dir.jsonl", r"dir.jsonl: cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_an_error_naming_the_column_or_row(tmp_path, case):
+    make, message = BAD_INPUTS[case]
+    with pytest.raises(InputError, match=message):
+        shard_rows(make(tmp_path))
+
+
+# ---------------------------------------------------------------- one prompt is wrong: a failed row
+
+BAD_ROWS = {
+    "null prompt": (b'{"id": "b", "prompt": null}', "prompt is null"),
+    "empty prompt": (b'{"id": "b", "prompt": ""}', "prompt is empty"),
+    "blank prompt": (b'{"id": "b", "prompt": " \\n\\t"}', "prompt is empty"),
+    "prompt not UTF-8": (b'{"id": "b", "prompt": "caf\xe9 au lait"}', "prompt is not valid UTF-8 (byte 3)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_bad_prompt_travels_as_its_rows_error_and_spares_its_neighbours(tmp_path, case):
+    line, error = BAD_ROWS[case]
+    rows = shard_rows(jsonl(tmp_path / "a.jsonl", b'{"id": "a", "prompt": "x"}', line, b'{"id": "c", "prompt": "z"}'))
+    assert [(r["id"], r["error"]) for r in rows] == [("a", None), ("b", error), ("c", None)]
+
+
+def test_invalid_utf8_in_a_parquet_binary_column_is_a_failed_row(tmp_path):
+    path = parquet(tmp_path / "a.parquet", id=["a", "b"], prompt=pa.array([b"ok", b"bad \xff"], pa.binary()))
+    assert [r["error"] for r in shard_rows(path)] == [None, "prompt is not valid UTF-8 (byte 4)"]
+
+
+def test_too_long_prompt_fails_its_row_or_is_cut_from_the_left(tmp_path, make_config):
+    from conftest import cell
+
+    config = make_config([cell("implicit", "explicit")])
+    rows = [{"id": "a", "prompt": "the movie was"}, {"id": "b", "prompt": "0123456789" + LONG}]
+    failed = Engine.local(config).run(rows, config.methods[0])
+    assert failed[0]["status"] == "ok" and failed[1]["status"] == "failed"
+    assert "exceeds the context of tiny:base (1024 tokens)" in failed[1]["error"] and failed[1]["truncated"] == 0
+
+    cut = Engine.local(config, truncate="left").run(rows, config.methods[0])
+    # "Review: " (8) + the prompt + 10 new tokens must fit 1024 characters: cut 2010 - 1006
+    assert [r["truncated"] for r in cut] == [0, 1004] and all(r["status"] == "ok" for r in cut)
+    assert content(cut[0]) == content(failed[0])  # a prompt that fits is untouched
+    alone = Engine.local(config).run([{"id": "b", "prompt": rows[1]["prompt"][1004:]}], config.methods[0])[0]
+    assert content(cut[1]) == {**content(alone), "truncated": 1004, "prompt": rows[1]["prompt"]}  # = the cut prompt
+
+
+@pytest.mark.timeout(120)
+def test_bad_rows_through_the_pipeline_fail_alone(ray_local, tmp_path):
+    lines = [json.dumps({"id": f"p{i}", "prompt": p, "dataset": "t"}).encode()
+             for i, p in enumerate(["the movie was", None, "", LONG, "Plot: two friends"])]
+    lines.insert(2, b'{"id": "u", "prompt": "na\xefve", "dataset": "t"}')
+    path = jsonl(tmp_path / "p.jsonl", *lines)
+    config = tiny_config(path, tmp_path / "out", METHODS, shard_size=3, search_actors=2)
+    config = type(config)(**{**config.__dict__, "data": type(config.data)(**{**config.data.__dict__, "truncate": "left"})})
+    summary = generate(config)
+    assert (summary.status, summary.failed) == ("finished", 0)
+    rows = {(r["id"], r["method"]): r for r in read_rows(tmp_path / "out")}
+    assert len(rows) == 6 * 2
+    errors = {i: rows[(i, "base")]["error"] for i in ("p1", "u", "p2")}
+    assert errors == {"p1": "prompt is null", "u": "prompt is not valid UTF-8 (byte 2)", "p2": "prompt is empty"}
+    assert all(rows[(i, m)]["status"] == "failed" for i in errors for m in ("base", "tok-implicit+cbs-explicit"))
+    assert rows[("p3", "base")]["truncated"] > 0  # cut, not failed
+    reference = reference_rows(config)  # the good prompts, run alone in-process
+    assert {k: content(r) for k, r in rows.items() if k[0] in ("p0", "p3", "p4")} == reference
+
+
+# ---------------------------------------------------------------- configs
+
+def write_config(tmp_path, text: str):
+    (tmp_path / "c.yaml").write_text(text)
+    return tmp_path / "c.yaml"
+
+
+def smoke_with(**sections) -> str:
+    data = yaml.safe_load(SMOKE.read_text())
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    return yaml.safe_dump(data)
+
+
+BAD_CONFIGS = {
+    "invalid YAML": ("run: {name: smoke\nseed: [", r"(?s)c.yaml: invalid YAML: .*line \d+, column \d+"),
+    "unknown key": (smoke_with(pipeline={"shard_sise": 4}), r"config.pipeline: unknown key\(s\) \['shard_sise'\]"),
+    "YAML that builds Python objects": ("run: !!python/object/apply:os.system ['echo hacked']",
+                                        r"invalid YAML: could not determine a constructor"),
+    "not a mapping": ("- a\n- b\n", r"the config must be a mapping"),
+    "bad truncate": (smoke_with(data={"truncate": "middle"}), r"data.truncate: 'middle' is not one of"),
+    "run name with a path": (smoke_with(run={"name": "../../etc"}), r"run.name: '../../etc' must be a plain name"),
+    "method name with a path": (smoke_with(methods=[{"name": "../x"}]), r"methods\[0\].name: '../x' must be a plain"),
+    "eval file outside the run": (smoke_with(eval={"gold": {"name": "tiny:rm"}, "report": "/etc/report.md"}),
+                                  r"eval.report: '/etc/report.md' must be a relative path"),
+    "zero timeout": (smoke_with(pipeline={"call_timeout_s": 0}), r"pipeline.call_timeout_s: must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_is_refused_naming_the_field(tmp_path, case):
+    text, message = BAD_CONFIGS[case]
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, text))
+
+
+def test_missing_config_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read the config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------- models
+
+def test_unknown_model_is_refused_before_anything_starts(tmp_path):
+    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS)
+    models = type(config.models)(**{**config.models.__dict__, "tuned": ModelSpec(str(tmp_path / "no-such-model"))})
+    with pytest.raises(ConfigError, match=r"models.tuned.name: cannot load '.*no-such-model'"):
+        generate(type(config)(**{**config.__dict__, "models": models}))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_vocabulary_mismatch_for_token_wise_guidance_is_refused(tmp_path):
+    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS)
+    other = {r: ModelSpec(f"tiny-b:{r}", dtype="float64") for r in ("tuned", "untuned")}
+    with pytest.raises(ConfigError, match=r"methods\[1\].token: token-wise implicit guidance needs models.tuned"):
+        generate(type(config)(**{**config.__dict__, "models": type(config.models)(**{**config.models.__dict__, **other})}))
+
+
+def huge_model_folder(folder):
+    """A model whose config asks for ~200 GB of weights: only its config and tokenizer exist."""
+    tok = tiny_tokenizer("tiny")
+    GPT2Config(n_embd=8192, n_layer=64, n_head=64, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_before_loading(tmp_path):
+    with pytest.raises(MemoryError, match=r"its weights need \d+\.\d GiB in torch.float32, but cpu has only"):
+        load(ModelSpec(str(huge_model_folder(tmp_path / "huge")), device="cpu"))
+
+
+@pytest.mark.timeout(90)
+def test_a_server_that_cannot_load_its_model_fails_the_run_naming_it(ray_local, tmp_path):
+    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS[:1])
+    base = ModelSpec(str(huge_model_folder(tmp_path / "huge")), device="cpu")
+    config = type(config)(**{**config.__dict__, "models": type(config.models)(**{**config.models.__dict__, "base": base})})
+    with pytest.raises(RuntimeError, match=r"model server colocated\[0\] failed to start: MemoryError: .*huge"):
+        generate(config)
+
+
+@pytest.mark.timeout(90)
+def test_resources_no_node_has_fail_the_run_instead_of_waiting_forever(ray_local, tmp_path):
+    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS[:1], start_timeout_s=3,
+                         servers={"colocated": {"num_cpus": 0.5, "num_gpus": 1}})
+    with pytest.raises(RuntimeError, match=r"model server colocated\[0\] did not start within pipeline.start_timeout_s=3s"):
+        generate(config)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["runs"][-1]["status"] == "error"
+
+
+# ---------------------------------------------------------------- security
+
+def test_pickle_checkpoints_need_allow_pickle_in_the_config(tmp_path):
+    model, tok = tiny_model("tiny:base")
+    folder = tmp_path / "pickled"
+    model.config.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    import torch
+
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"only pickle checkpoint\(s\) \['pytorch_model.bin'\].*allow_pickle: true"):
+        load(ModelSpec(str(folder), device="cpu"))
+    assert load(ModelSpec(str(folder), device="cpu", allow_pickle=True)).model is not None
+
+
+def test_remote_code_only_when_the_config_sets_it():
+    assert _source(ModelSpec("org/model"))[1]["trust_remote_code"] is False
+    assert _source(ModelSpec("org/model", trust_remote_code=True))[1]["trust_remote_code"] is True
+    assert load_config(SMOKE).models.base.trust_remote_code is False
+
+
+@pytest.mark.parametrize("name", ["../x.parquet", "a/b.parquet", "/etc/passwd", "..", ""])
+def test_output_file_names_cannot_leave_their_folder(tmp_path, name):
+    with pytest.raises(ValueError, match="is not a plain file name"):
+        child_path(tmp_path / "shards", name)
+    assert child_path(tmp_path / "shards", "000001-abc.parquet").parent == tmp_path / "shards"
