@@ -101,6 +101,7 @@ def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
     """Adds reference, reference_reward, preference, judge columns; returns {method: LC metrics}."""
     a = cfg.alpaca
     rows["reference"], index = _references(rows, a.reference)
+    ok = ok & rows["reference"].notna()  # e.g. the reference method failed on that prompt
     instructions = rows["instruction"] if "instruction" in rows.columns else rows["prompt"]
     if a.judge == "offline":
         if a.judge_model is None:  # the gold model judges: its reward of each output is gold_reward
@@ -115,7 +116,8 @@ def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
         if a.judge_model is not None:
             rows["judge_reward"] = out_rewards
     lc = {}
-    for method, g in rows[ok].groupby("method", sort=True):
+    versus = a.reference.removeprefix("method:") if a.reference.startswith("method:") else None
+    for method, g in rows[ok & (rows["method"] != versus)].groupby("method", sort=True):  # not against itself
         args = (list(instructions[g.index]), list(g["response"]), list(g["reference"]))
         if a.judge == "offline":
             ann = offline_annotations(*args, list(out_rewards[g.index]), list(g["reference_reward"]),
@@ -133,7 +135,14 @@ def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
 
 def _references(rows: pd.DataFrame, source: str) -> tuple[pd.Series, pd.Series]:
     """(reference text, AlpacaEval instruction index) per row."""
-    if source == "column":
+    if source.startswith("method:"):  # another method's responses to the same prompts, e.g. the unguided base
+        name = source.removeprefix("method:")
+        theirs = rows[(rows["method"] == name) & (rows["status"] == "ok")].set_index("id")["response"]
+        if theirs.empty:
+            raise ValueError(f"eval.alpaca.reference={source}: no ok rows of method {name!r}; "
+                             f"methods: {sorted(rows['method'].unique())}")
+        ref, idx = rows["id"].map(theirs), rows.get("alpaca_index")
+    elif source == "column":
         if "reference" not in rows.columns:
             raise ValueError("eval.alpaca.reference='column' but the rows have no `reference` column")
         ref, idx = rows["reference"], rows.get("alpaca_index")
@@ -147,7 +156,9 @@ def _references(rows: pd.DataFrame, source: str) -> tuple[pd.Series, pd.Series]:
             raise ValueError(f"eval.alpaca.reference={source}: no reference for id {rows['id'][missing].iloc[0]!r}")
         ref = rows["id"].map(table["reference"])
         idx = rows.get("alpaca_index", rows["id"].map(table["index"]) if "index" in table.columns else None)
-    if idx is None:
+    if idx is None and rows["id"].str.fullmatch(r"\d+").all():
+        idx = rows["id"].astype(int)  # ids that are AlpacaEval indices (the alpaca-instructions asset)
+    elif idx is None:
         # the GLM's instruction difficulty is looked up by this index: right only for the full set in order
         log.warning("no alpaca_index column: using id order as the AlpacaEval instruction index")
         idx = rows["id"].map({k: i for i, k in enumerate(sorted(rows["id"].unique()))})

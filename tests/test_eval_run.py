@@ -129,3 +129,30 @@ def test_cli_run_mode(tmp_path):
     rows = json.loads(p.stdout.strip().splitlines()[-1])
     assert [r["method"] for r in rows] == ["base", "ivg"] and rows[0]["n_failed"] == 1
     assert (run / "summary.parquet").exists() and (run / "report.md").exists()
+
+
+def test_alpaca_against_another_method(tmp_path):
+    """Offline instruction following: each method against the unguided base's response to the same prompt."""
+    df = eval_fakes.generate_rows(n=30, failed=1, with_reference=True).drop(columns="reference")
+    df.loc[(df["id"] == "p5") & (df["method"] == "base"), "status"] = "failed"  # ivg's p5 has no reference
+    run = eval_fakes.write_run(tmp_path / "run", df)
+    cfg = EvalConfig(gold=GoldSpec("v", "vader"),
+                     alpaca=AlpacaConfig(reference="method:base", glm_inputs=str(eval_fakes.glm_inputs(tmp_path / "glm", n=30))))
+    s = evaluate_run(run, cfg, scorer=CountingScorer()).set_index("method")
+    samples = pd.read_parquet(run / "evaluated" / "samples.parquet")
+    base = samples[(samples["method"] == "base") & (samples["status"] == "ok")].set_index("id")
+    ivg = samples[(samples["method"] == "ivg") & samples["preference"].notna()].set_index("id")
+    assert base["preference"].isna().all() and "length_controlled_winrate" not in s.loc["base"].dropna()
+    np.testing.assert_allclose(ivg["preference"], 1 + 1 / (1 + np.exp(-(ivg["gold_reward"] - base["gold_reward"][ivg.index]))))
+    assert s.loc["ivg", "n_annotated"] == 28 and 0 <= s.loc["ivg", "length_controlled_winrate"] <= 100
+
+
+def test_model_tokens_map_from_the_pipeline_round_trips(tmp_path):
+    from pipeline.io import rows_to_table, write_parquet_atomic
+
+    df = eval_fakes.generate_rows(n=4, failed=0)
+    (tmp_path / "run" / "shards").mkdir(parents=True)
+    write_parquet_atomic(rows_to_table(df.to_dict("records")), tmp_path / "run" / "shards" / "a.parquet")
+    s = evaluate_run(tmp_path / "run", EvalConfig(gold=GoldSpec("v", "vader")), scorer=CountingScorer()).set_index("method")
+    assert s.loc["base", "model_tokens_base"] == pytest.approx(np.mean([100, 101, 102, 103]))
+    assert pd.read_parquet(tmp_path / "run" / "evaluated" / "samples.parquet")["model_tokens"].iloc[0]["base"] == 100
