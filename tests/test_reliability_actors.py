@@ -24,10 +24,10 @@ def prompts_and_reference(tmp_path_factory):
     return path, reference_rows(tiny_config(path, folder / "out", METHODS))
 
 
-def run_killing(config, monkeypatch, victim, pid=None):
-    """Run `config`; when its first shard is written, kill the actor `victim(cluster)` so that Ray
-    restarts it. With `pid` (a handle -> pid call), also returns the victim's pid before the kill and,
-    at a later shard, after its restart."""
+def run_killing(config, monkeypatch, victim, pid=None, when=lambda cluster: True):
+    """Run `config`; once its first shard is written and `when(cluster)` holds, kill the actor
+    `victim(cluster)` so that Ray restarts it. With `pid` (a handle -> pid call), also returns the
+    victim's pid before the kill and, at a later shard, after its restart."""
     started = {}
     real_start = coordinator.start_cluster
     monkeypatch.setattr(coordinator, "start_cluster", lambda c: started.setdefault("cluster", real_start(c)))
@@ -38,6 +38,9 @@ def run_killing(config, monkeypatch, victim, pid=None):
             return
         handle = victim(started["cluster"])
         if not killed:  # the first shard is written: the others are mid-search now
+            deadline = time.monotonic() + 30
+            while not when(started["cluster"]):
+                assert time.monotonic() < deadline, "the moment to kill never came"
             if pid:
                 pids.append(ray.get(pid(handle)))
             ray.kill(handle, no_restart=False)
@@ -63,7 +66,10 @@ def test_killed_model_server_is_restarted_and_its_shards_redone(ray_local, promp
                                                                  monkeypatch):
     path, reference = prompts_and_reference
     config = tiny_config(path, tmp_path / "out", METHODS, shard_size=1, search_actors=2, batch_window_ms=2)
-    summary, _ = run_killing(config, monkeypatch, lambda cluster: cluster.servers["colocated"][0])
+    server = lambda cluster: cluster.servers["colocated"][0]  # noqa: E731
+    # killed while a search holds a session on it, so that search must notice the loss
+    summary, _ = run_killing(config, monkeypatch, server,
+                             when=lambda cluster: ray.get(server(cluster).stats.remote())["open_sessions"] > 0)
 
     assert summary.status == "finished" and summary.done == N
     manifest = check_output(tmp_path / "out", reference)
