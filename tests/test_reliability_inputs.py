@@ -12,7 +12,7 @@ from transformers import GPT2Config
 
 from ivg.config import ConfigError, ModelSpec
 from ivg.engine import Engine
-from ivg.models import _source, load
+from ivg.models import load, source
 from ivg.tiny import tiny_model, tiny_tokenizer
 from pipeline.config import load_config
 from pipeline.coordinator import generate
@@ -244,9 +244,12 @@ def test_pickle_checkpoints_need_allow_pickle_in_the_config(tmp_path):
     assert load(ModelSpec(str(folder), device="cpu", allow_pickle=True)).model is not None
 
 
-def test_remote_code_only_when_the_config_sets_it():
-    assert _source(ModelSpec("org/model"))[1]["trust_remote_code"] is False
-    assert _source(ModelSpec("org/model", trust_remote_code=True))[1]["trust_remote_code"] is True
+def test_remote_code_only_when_the_config_sets_it(monkeypatch):
+    seen = []
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda name, **kw: seen.append(kw) or tiny_tokenizer("tiny"))
+    models.load_tokenizer(ModelSpec("org/model"))
+    models.load_tokenizer(ModelSpec("org/model", trust_remote_code=True))
+    assert [kw["trust_remote_code"] for kw in seen] == [False, True]
     assert load_config(SMOKE).models.base.trust_remote_code is False
 
 
