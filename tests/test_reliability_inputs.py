@@ -12,7 +12,8 @@ from transformers import GPT2Config
 
 from ivg.config import ConfigError, ModelSpec
 from ivg.engine import Engine
-from ivg.models import load, source
+from ivg import models
+from ivg.models import load
 from ivg.tiny import tiny_model, tiny_tokenizer
 from pipeline.config import load_config
 from pipeline.coordinator import generate
