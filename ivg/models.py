@@ -40,7 +40,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _source(spec: ModelSpec) -> tuple[str, dict]:
+def source(spec: ModelSpec) -> tuple[str, dict]:
     """Where to load from: (name or folder, from_pretrained kwargs)."""
     name, gguf_file = spec.name, spec.gguf_file
     if name.startswith("asset:"):
@@ -59,7 +59,7 @@ def load_tokenizer(spec: ModelSpec):
     """Just the tokenizer: enough to validate vocabularies before any weights are loaded."""
     if is_tiny(spec.name):
         return tiny_tokenizer(spec.name.split(":", 1)[0])
-    name, kwargs = _source(spec)
+    name, kwargs = source(spec)
     tok = AutoTokenizer.from_pretrained(name, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -75,7 +75,7 @@ def load(spec: ModelSpec, allow_pickle: bool = False) -> LoadedModel:
     if is_tiny(spec.name):
         model, tok = tiny_model(spec.name, spec.kind, dtype=dtype)
         return LoadedModel(spec, model.to(device), tok)
-    name, kwargs = _source(spec)
+    name, kwargs = source(spec)
     cls = AutoModelForSequenceClassification if spec.kind == "classifier" else AutoModelForCausalLM
     # GGUF is not a pickle; otherwise demand safetensors unless pickles are explicitly allowed.
     allow_pickle = allow_pickle or spec.allow_pickle

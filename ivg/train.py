@@ -55,6 +55,7 @@ class TrainSettings:
     lora_r: int | None = 16  # None = full fine-tuning
     lora_alpha: int = 32
     seed: int = 0
+    token_rm: bool = True  # False: train only the DPO guide (the explicit value comes from elsewhere)
 
     def __post_init__(self):
         w = "train.settings"
@@ -91,11 +92,11 @@ class GuidePaths:
 
     tuned: ModelSpec  # folder: DPO-tuned full HF model
     untuned: ModelSpec  # the untuned spec as given (it is not copied)
-    explicit: ModelSpec  # folder: token reward model, kind token_reward
+    explicit: ModelSpec | None  # folder: token reward model, kind token_reward (None: not trained)
     dir: Path  # the cache folder holding both, with ivg-train.json
 
     def models(self) -> dict:
-        return dict(tuned=self.tuned, untuned=self.untuned, explicit=self.explicit)
+        return {k: v for k, v in dict(tuned=self.tuned, untuned=self.untuned, explicit=self.explicit).items() if v}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -330,7 +331,7 @@ def _paths(config: GuideConfig, folder: Path) -> GuidePaths:
         tuned=dataclasses.replace(config.untuned, name=str(folder / "tuned"), **folder_spec),
         untuned=config.untuned,
         explicit=dataclasses.replace(config.explicit_init or config.untuned, name=str(folder / "explicit"),
-                                     kind="token_reward", **folder_spec),
+                                     kind="token_reward", **folder_spec) if config.settings.token_rm else None,
         dir=folder)
 
 
@@ -386,21 +387,23 @@ def train_guides(config: GuideConfig, prompts: list[str], gold: Gold, force: boo
     _, dpo_stats = train_dpo(config.untuned, enc["train"], tmp / "tuned", s, log)
     timings["dpo_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    log(f"guides: token RM on {2 * len(train)} responses")
-    _, rm_stats = train_token_rm(rm_init, rm_enc["train"], tmp / "explicit", s, log)
-    timings["token_rm_s"] = time.perf_counter() - t
+    rm_stats = None
+    if s.token_rm:
+        t = time.perf_counter()
+        log(f"guides: token RM on {2 * len(train)} responses")
+        _, rm_stats = train_token_rm(rm_init, rm_enc["train"], tmp / "explicit", s, log)
+        timings["token_rm_s"] = time.perf_counter() - t
 
     # Gold accuracy, measured on the saved folders as the engine will load them.
     t = time.perf_counter()
     paths = _paths(config, tmp)
-    tuned, rm = load(paths.tuned), load(paths.explicit)
+    tuned, rm = load(paths.tuned), (load(paths.explicit) if s.token_rm else None)
     metrics = {}
     for split, rows in enc.items():
         lt, lu = pair_values(tuned.model, rows, "logp"), pair_values(untuned.model, rows, "logp")
         implicit = [(ct - cu, rt - ru) for (ct, rt), (cu, ru) in zip(lt, lu)]
         metrics[split] = {"pairs": len(rows), "implicit_accuracy": accuracy(implicit),
-                          "token_rm_accuracy": accuracy(pair_values(rm.model, rm_enc[split], "q")),
+                          "token_rm_accuracy": accuracy(pair_values(rm.model, rm_enc[split], "q")) if rm else None,
                           "implicit_margin": (sum(c - r for c, r in implicit) / len(implicit)) if implicit else None}
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
@@ -453,7 +456,9 @@ def write_cards(folder: Path, record: dict) -> None:
             f"- train: {_pct(m['train']['implicit_accuracy'])}\n"
             f"- held out: {_pct(m['heldout']['implicit_accuracy'])}\n"
             "- before training: 0% (tuned = untuned: every pair ties)\n"),
-        "explicit": (
+    }
+    if record["token_rm"]:  # trained only with settings.token_rm
+        cards["explicit"] = (
             "# Token reward model (explicit value)\n\n"
             f"Body of `{(c['explicit_init'] or c['untuned'])['name']}` with a fresh head Linear(hidden, vocab), "
             "stored as an ordinary causal LM whose logits are Q(s, .).\n"
@@ -467,7 +472,6 @@ def write_cards(folder: Path, record: dict) -> None:
             f"{record['token_rm']['loss_last']}; {record['timings']['token_rm_s']:.0f}s.\n\n"
             f"## Gold accuracy of Q at the last response token\n{accuracy_note}"
             f"- train: {_pct(m['train']['token_rm_accuracy'])}\n"
-            f"- held out: {_pct(m['heldout']['token_rm_accuracy'])}\n"),
-    }
+            f"- held out: {_pct(m['heldout']['token_rm_accuracy'])}\n")
     for name, text in cards.items():
         (folder / name / "README.md").write_text(text)

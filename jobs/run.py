@@ -4,13 +4,17 @@
     method on Ray -> evaluate -> summary table, summary.parquet and report.md under runs/<name>/
 
 The config is a generate config (pipeline/config.py) plus two sections this job consumes:
-  experiment:  assets to fetch, and where prompts come from (an asset or file, how many, prefixes)
-  train:       guide training (ivg/train.py); the trained folders become models.tuned/untuned/explicit
+  experiment:  assets to fetch; where prompts come from (an asset or file, how many, prefixes);
+               optionally `explicit_probe`: a reward probe fitted on labelled texts (ivg/probe.py)
+               that becomes models.explicit
+  train:       guide training (ivg/train.py); the trained folders become models.tuned/untuned
+               (and models.explicit, a token reward model, unless the settings turn it off)
 The default, jobs/configs/sentiment-default.yaml, runs offline on this 2-core CPU in minutes.
 """
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import random
@@ -23,8 +27,9 @@ import ray
 import yaml
 
 from ivg.assets import AssetFetchError, fetch, resolve
-from ivg.config import ConfigError, check, from_dict
+from ivg.config import ConfigError, ModelSpec, check, from_dict
 from ivg.gold import GoldSpec, GoldScorer, ensure_offline_sentiment, offline_dir
+from ivg.probe import ProbeSettings, train_probe
 from ivg.train import GuideConfig, train_guides
 from pipeline.config import Config
 from pipeline.coordinator import generate
@@ -33,7 +38,9 @@ from pipeline.evaluate import evaluate_run
 from pipeline.report import markdown_table
 
 DEFAULT = "jobs/configs/sentiment-default.yaml"
+PROBE_VERSION = 1  # bump when ivg/probe.py changes what it fits
 PROMPT_KEYS = {"path", "column", "id_column", "n", "train_n", "prefix_words", "min_words", "seed"}
+PROBE_KEYS = {"body", "path", "text_column", "label_column", "settings", "out"}
 
 
 def make_prompts(spec: dict, out: Path) -> tuple[Path, list[str]]:
@@ -91,6 +98,20 @@ def guides(section: dict, train_prompts: list[str], gold: GoldSpec, log) -> dict
     return {role: dict(spec.__dict__) for role, spec in paths.models().items()}
 
 
+def probe(spec: dict, log) -> dict:
+    """The explicit value as a reward probe on labelled texts, cached by its settings."""
+    unknown = sorted(set(spec) - PROBE_KEYS)
+    check(not unknown, "experiment.explicit_probe", f"unknown key(s) {unknown}; known: {sorted(PROBE_KEYS)}")
+    body = from_dict(ModelSpec, spec["body"], "experiment.explicit_probe.body")
+    settings = from_dict(ProbeSettings, spec.get("settings", {}), "experiment.explicit_probe.settings")
+    path = spec["path"]
+    frame = pd.read_parquet(resolve(path.removeprefix("asset:")) if path.startswith("asset:") else path)
+    text, label = spec.get("text_column", "text"), spec.get("label_column", "label")
+    key = hashlib.sha256(json.dumps([spec, PROBE_VERSION], sort_keys=True).encode()).hexdigest()[:16]
+    out = Path(spec.get("out", "~/.cache/ivg/probes")).expanduser() / key
+    return dict(train_probe(body, list(frame[text]), list(frame[label]), out, settings, log).__dict__)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=DEFAULT, help=f"experiment config (default: {DEFAULT})")
@@ -112,6 +133,8 @@ def main(argv=None) -> int:
         log(f"[prompts] {prompts} ({sum(1 for _ in open(prompts))} evaluation, {len(train_prompts)} training)")
         if train is not None:
             data["models"] = {**data["models"], **guides(train, train_prompts, gold, log)}
+        if "explicit_probe" in experiment:
+            data["models"] = {**data["models"], "explicit": probe(experiment["explicit_probe"], log)}
         data["data"] = {**(data.get("data") or {}), "path": str(prompts)}
         data["run"] = {**(data.get("run") or {}), "output": str(out)}
         config = from_dict(Config, data, "config")
