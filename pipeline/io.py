@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from ivg.assets import sha256_file
+
 # One row per (prompt, method); DESIGN.md's output contract, then the shard that made it.
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("response", pa.string()),
@@ -245,14 +247,6 @@ def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] |
     finally:
         tmp.unlink(missing_ok=True)
     return digest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def child_path(folder: Path, name: str) -> Path:
