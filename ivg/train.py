@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from ivg.assets import cache_root
 from ivg.config import DecodeConfig, GenerationConfig, MethodConfig, ModelSpec, Models, check
 from ivg.engine import Engine
 from ivg.models import LoadedModel, load, load_tokenizer, prompt_ids
@@ -74,7 +75,7 @@ class TrainSettings:
 class GuideConfig:
     untuned: ModelSpec  # the policy the pairs are sampled from, DPO's start and reference
     gold: str  # names the gold function (cache key, model card), e.g. "vader" or a GoldSpec as JSON
-    out: str = "~/.cache/ivg/guides"
+    out: str | None = None  # None: <ivg cache>/guides ($IVG_CACHE, else ~/.cache/ivg)
     explicit_init: ModelSpec | None = None  # the token RM's body; None = the untuned model
     settings: TrainSettings = field(default_factory=TrainSettings)
 
@@ -350,7 +351,7 @@ def train_guides(config: GuideConfig, prompts: list[str], gold: Gold, force: boo
     check(len(prompts) >= s.n_prompts, "train.settings.n_prompts",
           f"asks for {s.n_prompts} prompts but only {len(prompts)} were given")
     prompts = list(prompts[:s.n_prompts])
-    root = Path(config.out).expanduser()
+    root = Path(config.out).expanduser() if config.out else cache_root() / "guides"
     folder = root / f"{_slug(config.untuned.name)}-{cache_key(config, prompts)}"
     if (folder / MARKER).is_file() and not force:
         log(f"guides: cached {folder}")

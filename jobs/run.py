@@ -26,7 +26,7 @@ import pandas as pd
 import ray
 import yaml
 
-from ivg.assets import AssetFetchError, fetch, resolve
+from ivg.assets import AssetFetchError, cache_root, fetch, resolve
 from ivg.config import ConfigError, ModelSpec, check, from_dict
 from ivg.gold import GoldSpec, GoldScorer, ensure_offline_sentiment, offline_dir
 from ivg.probe import ProbeSettings, train_probe
@@ -108,7 +108,7 @@ def probe(spec: dict, log) -> dict:
     frame = pd.read_parquet(resolve(path.removeprefix("asset:")) if path.startswith("asset:") else path)
     text, label = spec.get("text_column", "text"), spec.get("label_column", "label")
     key = hashlib.sha256(json.dumps([spec, PROBE_VERSION], sort_keys=True).encode()).hexdigest()[:16]
-    out = Path(spec.get("out", "~/.cache/ivg/probes")).expanduser() / key
+    out = (Path(spec["out"]).expanduser() if "out" in spec else cache_root() / "probes") / key
     return dict(train_probe(body, list(frame[text]), list(frame[label]), out, settings, log).__dict__)
 
 

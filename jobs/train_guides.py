@@ -11,7 +11,7 @@ the same settings reuses the cached folders; --force retrains. The config's `tra
       prompts: {path: asset:movie-snippets, column: text, prefix_words: 8}   # or a list of strings
       gold: {kind: vader, name: vader}                 # ivg.gold.GoldSpec fields
       settings: {n_prompts: 128, max_new_tokens: 40}   # ivg.train.TrainSettings
-      out: ~/.cache/ivg/guides
+      out: null                                        # null: <ivg cache>/guides
 
 `prompts.path` is a JSONL or Parquet file or `asset:<name>`; `prefix_words` keeps each text's first words
 (IMDB-style prompts: the opening of a review, for the model to continue).
