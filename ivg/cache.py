@@ -18,10 +18,6 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     cache.reorder_cache(rows)
 
 
-def cache_length(cache: DynamicCache) -> int:
-    return cache.get_seq_length()
-
-
 def concat_caches(caches: list[DynamicCache], pads: list[int]) -> DynamicCache:
     """One cache holding every cache's rows; cache k left-padded by pads[k] zero columns."""
     layers = zip(*[list(c) for c in caches])  # per layer: [(keys, values, sliding) per cache]
