@@ -10,7 +10,7 @@ from ivg.config import TRUNCATE, ConfigError, GenerationConfig, MethodConfig, ch
 from ivg.models import load, load_tokenizer, same_vocab
 from ivg.sampling import Stopper
 from ivg.search import search
-from ivg.values import BaseRole, ExplicitRole, ImplicitRole
+from ivg.values import BaseRole, ImplicitRole, explicit_role
 
 
 class LocalRoles:
@@ -49,7 +49,7 @@ def load_role(name: str, config: GenerationConfig, base_tokenizer):
         return BaseRole([load(models.base)], base_tokenizer)
     if name == "implicit":
         return ImplicitRole(load(models.tuned), load(models.untuned), base_tokenizer)
-    return ExplicitRole(load(models.explicit), base_tokenizer)
+    return explicit_role(load(models.explicit), base_tokenizer)
 
 
 def eos_ids(base_tokenizer, base_generation_config=None) -> set[int]:
@@ -71,10 +71,16 @@ class Engine:
 
     @classmethod
     def local(cls, config: GenerationConfig, truncate: str = "fail") -> "Engine":
+        """Every model this config needs, loaded in this process (vocabularies checked first)."""
         tokenizers = {r: load_tokenizer(getattr(config.models, r))
                       for r in ("base", "tuned", "untuned", "explicit") if getattr(config.models, r)}
         check_vocabularies(config, tokenizers)
-        roles = {name: load_role(name, config, tokenizers["base"]) for name in needed_roles(config)}
+        return cls.from_roles(config, {name: load_role(name, config, tokenizers["base"])
+                                       for name in needed_roles(config)}, truncate)
+
+    @classmethod
+    def from_roles(cls, config: GenerationConfig, roles: dict, truncate: str = "fail") -> "Engine":
+        """An engine over roles already loaded in this process (e.g. by a benchmark that measures them)."""
         base = roles["base"].models[0]
         return cls(config, LocalRoles(roles), base.tokenizer,
                    eos_ids(base.tokenizer, getattr(base.model, "generation_config", None)), truncate)

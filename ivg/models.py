@@ -1,13 +1,17 @@
 """Loading models and tokenizers, and turning a prompt into a model's own prompt tokens.
 
-A name is a hub id, a local folder, a `.gguf` file, `asset:<name>` (fetched by `python -m jobs.assets`),
-or a tiny random model (`tiny:<x>`, see ivg/tiny.py). `trust_remote_code` stays off unless the spec
+A name is a hub id, a local folder, a `.gguf` file, a tiny random model (`tiny:<x>`, see ivg/tiny.py),
+or `<scheme>:<name>` for a scheme an application registers (`asset:<name>`: ivg.offline, fetched by
+`python -m jobs.assets`). Schemes come from `register_scheme` or the `ivg.schemes` entry point group,
+so the decoder never imports the applications. `trust_remote_code` stays off unless the spec
 sets it; safetensors are preferred and pickle checkpoints are refused unless `allow_pickle`. A model
 whose weights cannot fit in its device's free memory is refused before any of them is allocated.
 """
 
+import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
@@ -40,13 +44,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+# scheme -> resolve(rest of the name) -> local path; filled by register_scheme or entry points
+SCHEMES: dict[str, Callable[[str], Path]] = {}
+ENTRY_POINTS = "ivg.schemes"
+
+
+def register_scheme(scheme: str, resolve: Callable[[str], Path]) -> None:
+    SCHEMES[scheme] = resolve
+
+
+def resolve_name(name: str) -> str:
+    """A `<scheme>:<rest>` name as the local path its scheme resolves it to; other names unchanged."""
+    scheme, sep, rest = name.partition(":")
+    if not sep or is_tiny(name) or not scheme.isidentifier():
+        return name
+    if scheme not in SCHEMES:
+        found = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINTS) if ep.name == scheme]
+        if not found:
+            return name  # not a scheme: a hub id or path with a colon
+        register_scheme(scheme, found[0].load())
+    return str(SCHEMES[scheme](rest))
+
+
 def source(spec: ModelSpec) -> tuple[str, dict]:
     """Where to load from: (name or folder, from_pretrained kwargs)."""
-    name, gguf_file = spec.name, spec.gguf_file
-    if name.startswith("asset:"):
-        from ivg.assets import resolve  # lazy: only asset names need the asset layer
-
-        name = str(resolve(name.removeprefix("asset:")))
+    name, gguf_file = resolve_name(spec.name), spec.gguf_file
     if name.endswith(".gguf") and Path(name).is_file():
         name, gguf_file = str(Path(name).parent), Path(name).name
     kwargs = dict(trust_remote_code=spec.trust_remote_code, revision=spec.revision)
@@ -64,6 +86,11 @@ def load_tokenizer(spec: ModelSpec):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding columns hold (masked, so its value never matters; 0 when there is none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

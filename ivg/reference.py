@@ -58,10 +58,7 @@ def chunk_value(role: str, models: dict, prompt: str, tokens: list[int], text: s
 def naive_search(models: dict, prompt_id: str, prompt: str, method: MethodConfig, decode: DecodeConfig,
                  stopper: Stopper, seed: int) -> tuple[list[int], float, list[float]]:
     """CBS for one prompt; returns (tokens, score, chunk scores) of the best beam."""
-    from ivg.guidance import token_guidance
-
     base_tok = models["base"].tokenizer
-    guide = token_guidance(method.token, method.beta_token)
     W, K, L = method.W, method.K, method.L or decode.max_new_tokens
     gen = prompt_generator(seed, prompt_id)
     kept = [([], 0.0, [], False)]  # (tokens, score, scores, done)
@@ -77,8 +74,8 @@ def naive_search(models: dict, prompt_id: str, prompt: str, method: MethodConfig
                 if done[i]:
                     continue
                 z = next_vector("base", models, prompt, tokens, base_tok)
-                if guide is not None:
-                    z = guide(z[None], next_vector(method.token, models, prompt, tokens, base_tok)[None])[0]
+                if method.token != "none":  # z = logits_base + beta * value (DESIGN.md)
+                    z = z + method.beta_token * next_vector(method.token, models, prompt, tokens, base_tok)
                 tokens.append(int(sample(z[None], uniforms[i:i + 1], decode)[0]))
                 done[i] = stopper.done(tokens)
         scored = []

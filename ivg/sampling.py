@@ -12,11 +12,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ivg.config import DecodeConfig
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half precision to float32 for the arithmetic of guidance and sampling; float64 stays."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+from ivg.guidance import upcast
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:

@@ -13,13 +13,13 @@ finished row never costs another forward.
 """
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ivg.config import DecodeConfig, MethodConfig
-from ivg.guidance import token_guidance
-from ivg.sampling import Stopper, prompt_generator, sample, upcast
+from ivg.guidance import TokenGuidance, upcast
+from ivg.sampling import Stopper, prompt_generator, sample
 
 
 @dataclass
@@ -32,10 +32,14 @@ class Beam:
     log_ratio: float = 0.0  # running sum of log pi_t - log pi_u (token-wise implicit)
     last_q: float = 0.0  # Q(s, a) of the newest token (token-wise explicit)
 
+    def child(self) -> "Beam":
+        """A copy to grow; it starts on its parent's row, which `select` forks for it."""
+        return replace(self, tokens=list(self.tokens), scores=list(self.scores))
+
 
 @dataclass
 class Child:
-    prompt: int
+    prompt: int  # index of its prompt in the batch
     beam: Beam
 
 
@@ -51,96 +55,96 @@ class SearchOutput:
 def search(prompt_ids: list[str], prompts: list[str], method: MethodConfig, decode: DecodeConfig,
            roles, stopper: Stopper, seed: int) -> list[SearchOutput]:
     """Run one method over a batch of prompts; the output for a prompt depends only on it and seed."""
-    W, K, L = method.W, method.K, method.L or decode.max_new_tokens
-    token_role = None if method.token == "none" else method.token
-    chunk_role = None if method.chunk == "none" else method.chunk
-    used = ["base"] + sorted({r for r in (token_role, chunk_role) if r})
-    guide = token_guidance(method.token, method.beta_token)
-    gens = [prompt_generator(seed, pid) for pid in prompt_ids]
-    sid = uuid.uuid4().hex
-    owners = list(range(len(prompts)))
-    roles.call({r: ("open", (sid, prompts, owners)) for r in used})
-
-    kept = [[Beam([], row=p)] for p in range(len(prompts))]
-    first = True
-    while any(not b.done for beams in kept for b in beams):
-        # 1. expand: each unfinished beam gets K children (W*K for the prompt itself)
-        children = [Child(p, b) for p, beams in enumerate(kept) for b in beams if not b.done
-                    for _ in range(W * K if first else K)]
-        roles.call({r: ("select", (sid, [c.beam.row for c in children])) for r in used})
-        # 2. sample L tokens for every child
-        new = sample_chunk(children, L, roles, sid, token_role, guide, gens, decode, stopper)
-        # 3. score every child's prefix
-        scores = score_children(children, new, method, roles, sid, token_role, chunk_role, stopper)
-        # 4. keep the top W per prompt, finished beams competing with the children
-        kept = keep_top(kept, children, scores, W)
-        first = False
-
-    counts = roles.call({r: ("close", (sid,)) for r in used})
-    outputs = []
-    for p, beams in enumerate(kept):
-        best = beams[0]
-        outputs.append(SearchOutput(best.tokens, stopper.text(best.tokens), best.score, best.scores,
-                                    {r: int(counts[r].get(p, 0)) for r in used}))
-    return outputs
+    return Search(prompt_ids, method, decode, roles, stopper, seed).run(prompts)
 
 
-def sample_chunk(children, L, roles, sid, token_role, guide, gens, decode, stopper) -> list[list[int]]:
-    """Grow each child by up to L tokens; returns the new tokens per child. Children start as copies
-    of their beam, whose newest token the models have not seen yet (lazy feeding)."""
-    beams = [Beam(list(c.beam.tokens), c.beam.score, c.beam.scores, log_ratio=c.beam.log_ratio) for c in children]
-    for c, b in zip(children, beams):
-        c.beam = b  # a child now owns its copy; the parent stays reachable through its row
-    pending = [[b.tokens[-1]] if b.tokens else [] for b in beams]
-    new = [[] for _ in beams]
-    rows_of = {}
-    for i, c in enumerate(children):
-        rows_of.setdefault(c.prompt, []).append(i)
-    for _ in range(L):
-        live = [i for i, b in enumerate(beams) if not b.done]
-        if not live:
-            break
-        calls = {"base": ("next", (sid, pending))}
-        if token_role:
-            calls[token_role] = ("next", (sid, pending))
-        out = roles.call(calls)
-        logits = torch.as_tensor(out["base"])
-        z = upcast(logits) if guide is None else guide(logits, torch.as_tensor(out[token_role]).to(logits.device))
-        uniforms = torch.zeros(len(beams), dtype=torch.float64)
-        for p, rows in rows_of.items():  # a prompt draws while any of its rows is live
-            if any(not beams[i].done for i in rows):
-                uniforms[rows] = torch.rand(len(rows), generator=gens[p], dtype=torch.float64)
-        tokens = sample(z, uniforms, decode).tolist()
-        value = torch.as_tensor(out[token_role]) if token_role else None
-        picked = value.gather(-1, torch.tensor(tokens, device=value.device)[:, None]).squeeze(-1).tolist() if token_role else None
-        pending = [[] for _ in beams]
-        for i in live:
-            b = beams[i]
-            b.tokens.append(tokens[i])
-            new[i].append(tokens[i])
-            if token_role == "implicit":
-                b.log_ratio += picked[i]
-            elif token_role == "explicit":
-                b.last_q = picked[i]
-            b.done = stopper.done(b.tokens)
-            if not b.done:
-                pending[i] = [tokens[i]]
-    return new
+class Search:
+    """The state one search's steps share: the method, the roles it uses, one session, the per-prompt RNGs."""
 
+    def __init__(self, prompt_ids: list[str], method: MethodConfig, decode: DecodeConfig, roles,
+                 stopper: Stopper, seed: int):
+        self.method, self.decode, self.roles, self.stopper = method, decode, roles, stopper
+        self.W, self.K, self.L = method.W, method.K, method.L or decode.max_new_tokens
+        self.token_role = None if method.token == "none" else method.token
+        self.chunk_role = None if method.chunk == "none" else method.chunk
+        self.used = ["base"] + sorted({r for r in (self.token_role, self.chunk_role) if r})
+        self.guide = TokenGuidance(method.beta_token) if self.token_role else None
+        self.gens = [prompt_generator(seed, pid) for pid in prompt_ids]
+        self.sid = uuid.uuid4().hex
 
-def score_children(children, new, method, roles, sid, token_role, chunk_role, stopper) -> list[float]:
-    """The chunk-level value of each child's whole prefix, times beta_chunk."""
-    beams = [c.beam for c in children]
-    if chunk_role is None:
-        return [0.0] * len(beams)
-    if chunk_role == token_role == "implicit":  # reuse the log-ratios computed while sampling
-        values = [b.log_ratio for b in beams]
-    elif chunk_role == token_role == "explicit":  # Q of the newest token, computed while sampling
-        values = [b.last_q for b in beams]
-    else:
-        texts = [stopper.text(b.tokens) for b in beams]
-        values = roles.call({chunk_role: ("chunk", (sid, new, texts))})[chunk_role]
-    return [method.beta_chunk * float(v) for v in values]
+    def call(self, method: str, *args) -> dict:
+        """The same call to every role this method uses."""
+        return self.roles.call({r: (method, (self.sid, *args)) for r in self.used})
+
+    def run(self, prompts: list[str]) -> list[SearchOutput]:
+        self.call("open", prompts, list(range(len(prompts))))
+        kept = [[Beam([], row=p)] for p in range(len(prompts))]
+        first = True
+        while any(not b.done for beams in kept for b in beams):
+            # 1. expand: each unfinished beam gets K children (W*K for the prompt itself)
+            children = [Child(p, b.child()) for p, beams in enumerate(kept) for b in beams if not b.done
+                        for _ in range(self.W * self.K if first else self.K)]
+            self.call("select", [c.beam.row for c in children])
+            # 2. sample L tokens for every child
+            new = self.sample_chunk([c.beam for c in children], [c.prompt for c in children])
+            # 3. score every child's prefix
+            scores = self.score([c.beam for c in children], new)
+            # 4. keep the top W per prompt, finished beams competing with the children
+            kept = keep_top(kept, children, scores, self.W)
+            first = False
+        counts = self.call("close")
+        return [SearchOutput(beams[0].tokens, self.stopper.text(beams[0].tokens), beams[0].score, beams[0].scores,
+                             {r: int(counts[r].get(p, 0)) for r in self.used}) for p, beams in enumerate(kept)]
+
+    def sample_chunk(self, beams: list[Beam], prompt_of: list[int]) -> list[list[int]]:
+        """Grow each beam (row i of the sessions) by up to L tokens; returns the new tokens per row.
+        A beam's newest token has not reached the models yet (lazy feeding)."""
+        pending = [[b.tokens[-1]] if b.tokens else [] for b in beams]
+        new = [[] for _ in beams]
+        rows_of = {}
+        for i, p in enumerate(prompt_of):
+            rows_of.setdefault(p, []).append(i)
+        for _ in range(self.L):
+            live = [i for i, b in enumerate(beams) if not b.done]
+            if not live:
+                break
+            out = self.roles.call({r: ("next", (self.sid, pending)) for r in ["base", self.token_role] if r})
+            logits = torch.as_tensor(out["base"])
+            value = torch.as_tensor(out[self.token_role]) if self.token_role else None
+            z = upcast(logits) if value is None else self.guide(logits, value)
+            uniforms = torch.zeros(len(beams), dtype=torch.float64)
+            for p, rows in rows_of.items():  # a prompt draws while any of its rows is live
+                if any(not beams[i].done for i in rows):
+                    uniforms[rows] = torch.rand(len(rows), generator=self.gens[p], dtype=torch.float64)
+            tokens = sample(z, uniforms, self.decode).tolist()
+            picked = value.gather(-1, torch.tensor(tokens, device=value.device)[:, None]).squeeze(-1).tolist() \
+                if value is not None else None
+            pending = [[] for _ in beams]
+            for i in live:
+                b = beams[i]
+                b.tokens.append(tokens[i])
+                new[i].append(tokens[i])
+                if self.token_role == "implicit":
+                    b.log_ratio += picked[i]
+                elif self.token_role == "explicit":
+                    b.last_q = picked[i]
+                b.done = self.stopper.done(b.tokens)
+                if not b.done:
+                    pending[i] = [tokens[i]]
+        return new
+
+    def score(self, beams: list[Beam], new: list[list[int]]) -> list[float]:
+        """The chunk-level value of each beam's whole prefix, times beta_chunk."""
+        if self.chunk_role is None:
+            return [0.0] * len(beams)
+        if self.chunk_role == self.token_role == "implicit":  # reuse the log-ratios computed while sampling
+            values = [b.log_ratio for b in beams]
+        elif self.chunk_role == self.token_role == "explicit":  # Q of the newest token, computed while sampling
+            values = [b.last_q for b in beams]
+        else:
+            texts = [self.stopper.text(b.tokens) for b in beams]
+            values = self.roles.call({self.chunk_role: ("chunk", (self.sid, new, texts))})[self.chunk_role]
+        return [self.method.beta_chunk * float(v) for v in values]
 
 
 def keep_top(kept, children, scores, W) -> list[list[Beam]]:

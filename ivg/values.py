@@ -1,4 +1,4 @@
-"""The three roles a search talks to: the base policy and the two value functions.
+"""The roles a search talks to: the base policy and the two value functions.
 
 Each role serves *sessions* (one per search over a batch of prompts) with one small protocol, so
 the search runs unchanged on models in-process or behind Ray actors (pipeline/ wraps these):
@@ -12,17 +12,20 @@ the search runs unchanged on models in-process or behind Ray actors (pipeline/ w
                                  explicit: Q of the last token, or a sequence classifier's score
   close(sid) -> {owner: tokens processed}
 
+One class per value function: BaseRole, ImplicitRole, and for the explicit value TokenRewardRole,
+CausalClassifierRole (fed incrementally) and EncoderClassifierRole (a bidirectional classifier that
+reads the whole text each chunk); `load_role` picks one. The formulas are ivg/guidance.py's.
 A role whose tokenizer differs from the base's scores the decoded `texts` (re-tokenized; only the
 changed tail is encoded again); a role sharing it takes the new token ids directly.
 """
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ivg.models import LoadedModel, prompt_ids, same_vocab
-from ivg.sampling import upcast
+from ivg.guidance import explicit_value, implicit_value, upcast
+from ivg.models import LoadedModel, pad_id, prompt_ids, same_vocab
 from ivg.stream import Stream
 
 
@@ -60,17 +63,18 @@ def new_token_scores(prev_last: torch.Tensor, out: torch.Tensor, new: list[list[
 
 @dataclass
 class Session:
+    """One search's state in a role: a Stream per model, and per row its prompt length and whatever
+    the role keeps per row (the implicit role: each response token's log-ratio; explicit: the score)."""
+
     streams: list[Stream]  # one per model of the role
     prompt_len: list[int]  # per row: tokens of the role's own prompt view
-    values: list[list[float]] = field(default_factory=list)  # per row, per response token (implicit)
-    score: list[float] = field(default_factory=list)  # per row: latest prefix value (explicit)
+    state: list  # per row: the role's own value, reordered with the rows
 
     def select(self, rows: list[int]) -> None:
         for s in self.streams:
             s.select(rows)
         self.prompt_len = [self.prompt_len[r] for r in rows]
-        self.values = [list(self.values[r]) for r in rows] if self.values else []
-        self.score = [self.score[r] for r in rows] if self.score else []
+        self.state = [self.state[r] for r in rows]
 
     def tokens(self) -> Counter:
         return sum((s.tokens for s in self.streams), Counter())
@@ -78,6 +82,8 @@ class Session:
 
 class Role:
     """Sessions of Streams over one or two models that share a tokenizer."""
+
+    initial_state = None  # each row's state when a session opens
 
     def __init__(self, models: list[LoadedModel], base_tokenizer):
         self.models = models
@@ -91,11 +97,10 @@ class Role:
     def open(self, sid: str, prompts: list[str], owners: list) -> None:
         streams = []
         for m in self.models:
-            pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
-            stream = Stream(self.forward_of(m), pad, m.device, owners)
+            stream = Stream(self.forward_of(m), pad_id(m.tokenizer), m.device, owners)
             stream.extend([prompt_ids(m, p) for p in prompts])
             streams.append(stream)
-        self.sessions[sid] = Session(streams, [len(i) for i in streams[0].ids])
+        self.sessions[sid] = Session(streams, [len(i) for i in streams[0].ids], [self.initial_state] * len(prompts))
 
     def select(self, sid: str, rows: list[int]) -> None:
         self.sessions[sid].select(rows)
@@ -178,6 +183,8 @@ class BaseRole(Role):
 class ImplicitRole(Role):
     """Implicit value: the log-ratio of a tuned and an untuned LM (e.g. DPO-tuned vs its SFT start)."""
 
+    initial_state = ()  # per row: each response token's log pi_t - log pi_u
+
     def __init__(self, tuned: LoadedModel, untuned: LoadedModel, base_tokenizer):
         if not same_vocab(tuned.tokenizer, untuned.tokenizer):
             raise ValueError("models.tuned and models.untuned must share a tokenizer: their log-ratio is per token")
@@ -187,12 +194,10 @@ class ImplicitRole(Role):
         tuned, untuned = self.sessions[sid].streams
         tuned.extend(new)
         untuned.extend(new)
-        return torch.log_softmax(upcast(tuned.last), -1) - torch.log_softmax(upcast(untuned.last), -1)
+        return implicit_value(tuned.last, untuned.last)  # (B, V)
 
     def chunk(self, sid: str, new: list[list[int]], texts: list[str]) -> list[float]:
         session = self.sessions[sid]
-        if not session.values:
-            session.values = [[] for _ in session.prompt_len]
         (prev_t, out_t, suffix, refed), (prev_u, out_u, _, _) = self.feed_chunk(session, new, texts, True)
         if out_t is not None:
             lp_t = new_token_scores(torch.log_softmax(upcast(prev_t), -1), torch.log_softmax(upcast(out_t), -1), suffix)
@@ -200,55 +205,98 @@ class ImplicitRole(Role):
             for i, (fed, back) in enumerate(zip(suffix, refed)):
                 # a re-fed token kept its old value; the first score of a re-fed row is discarded
                 kept = len(session.streams[0].ids[i]) - len(fed) - session.prompt_len[i] + back
-                session.values[i] = session.values[i][:kept] + [a - b for a, b in zip(lp_t[i][back:], lp_u[i][back:])]
-        return [sum(v) for v in session.values]
+                session.state[i] = session.state[i][:kept] + tuple(a - b for a, b in zip(lp_t[i][back:], lp_u[i][back:]))
+        return [sum(v) for v in session.state]
 
 
-class ExplicitRole(Role):
-    """Explicit value: a token reward model (Q(s, .) over the vocab) or a sequence classifier."""
+class TokenRewardRole(Role):
+    """Explicit value from a token reward model: Q(s, .) over the vocab; a prefix's value is Q of its
+    last token, Q(s_{n-1}, a_n)."""
 
-    def __init__(self, loaded: LoadedModel, base_tokenizer):
-        super().__init__([loaded], base_tokenizer)
-        self.kind = loaded.spec.kind
-        # A causal classifier (GPT-2, Llama, ... heads named `score`) can be fed incrementally;
-        # a bidirectional one (BERT-like) must see the whole text each chunk.
-        self.incremental = self.kind == "token_reward" or hasattr(loaded.model, "score")
-        if self.kind == "classifier":
-            self.label_weights = classifier_weights(loaded.model.config, loaded.spec.positive_label)
-
-    def forward_of(self, loaded: LoadedModel):
-        return body_forward(loaded.model) if self.kind == "classifier" else lm_forward(loaded.model)
-
-    def open(self, sid, prompts, owners):
-        if self.incremental:
-            return super().open(sid, prompts, owners)
-        self.sessions[sid] = EncoderSession(list(prompts), list(owners))
+    initial_state = 0.0  # per row: the latest prefix value
 
     def next(self, sid: str, new: list[list[int]]) -> torch.Tensor:
         stream = self.sessions[sid].streams[0]
         stream.extend(new)
-        return upcast(stream.last)  # (B, V) Q(s, .)
+        return explicit_value(stream.last)  # (B, V)
 
     def chunk(self, sid: str, new: list[list[int]], texts: list[str]) -> list[float]:
         session = self.sessions[sid]
-        if not self.incremental:
-            return session.score_texts(self, texts)
-        if not session.score:
-            session.score = [0.0] * len(session.prompt_len)
-        [(prev, out, suffix, refed)] = self.feed_chunk(session, new, texts, self.kind == "token_reward")
-        if self.kind == "classifier":
-            session.score = self.classifier_value(session.streams[0].last)
-        elif out is not None:
+        [(prev, out, suffix, refed)] = self.feed_chunk(session, new, texts, True)
+        if out is not None:
             q = new_token_scores(upcast(prev), upcast(out), suffix)
-            # Q(s_{n-1}, a_n) of the newest token is the value of the whole prefix
-            session.score = [q[i][-1] if len(fed) > back else session.score[i]
+            session.state = [q[i][-1] if len(fed) > back else session.state[i]
                              for i, (fed, back) in enumerate(zip(suffix, refed))]
-        return list(session.score)
+        return list(session.state)
+
+
+class CausalClassifierRole(Role):
+    """Explicit value from a causal sequence classifier (GPT-2, Llama, ... heads named `score`), fed
+    incrementally: the head reads the hidden state at each row's newest token."""
+
+    def __init__(self, loaded: LoadedModel, base_tokenizer):
+        super().__init__([loaded], base_tokenizer)
+        self.label_weights = classifier_weights(loaded.model.config, loaded.spec.positive_label)
+
+    def forward_of(self, loaded: LoadedModel):
+        return body_forward(loaded.model)
+
+    def chunk(self, sid: str, new: list[list[int]], texts: list[str]) -> list[float]:
+        session = self.sessions[sid]
+        self.feed_chunk(session, new, texts, False)
+        return self.value(session.streams[0].last)
 
     @torch.no_grad()
-    def classifier_value(self, hidden: torch.Tensor) -> list[float]:
+    def value(self, hidden: torch.Tensor) -> list[float]:
         logits = upcast(self.models[0].model.score(hidden))  # (B, num_labels)
         return (logits @ self.label_weights.to(logits)).cpu().tolist()
+
+
+class EncoderClassifierRole(Role):
+    """Explicit value from a bidirectional classifier (BERT-like): no cache can be extended, so each
+    chunk it reads the whole prompt + response of every row."""
+
+    def __init__(self, loaded: LoadedModel, base_tokenizer):
+        super().__init__([loaded], base_tokenizer)
+        self.label_weights = classifier_weights(loaded.model.config, loaded.spec.positive_label)
+
+    def open(self, sid, prompts, owners):
+        self.sessions[sid] = EncoderSession(list(prompts), list(owners))
+
+    @torch.no_grad()
+    def chunk(self, sid: str, new: list[list[int]], texts: list[str]) -> list[float]:
+        session, loaded = self.sessions[sid], self.models[0]
+        template = loaded.spec.template or "{prompt}"
+        pairs = [template.format(prompt=p) + t for p, t in zip(session.prompts, texts)]
+        enc = loaded.tokenizer(pairs, return_tensors="pt", padding=True, truncation=True).to(loaded.device)
+        for owner, n in zip(session.owners, enc.attention_mask.sum(-1).tolist()):
+            session.counts[owner] += n
+        logits = upcast(loaded.model(**enc).logits)
+        return (logits @ self.label_weights.to(logits)).cpu().tolist()
+
+
+class EncoderSession:
+    """A bidirectional classifier's session: the prompts and who pays for each row, no cache."""
+
+    def __init__(self, prompts: list[str], owners: list):
+        self.prompts, self.owners = prompts, owners
+        self.counts = Counter()
+
+    def select(self, rows: list[int]) -> None:
+        self.prompts = [self.prompts[r] for r in rows]
+        self.owners = [self.owners[r] for r in rows]
+
+    def tokens(self) -> Counter:
+        return self.counts
+
+
+def explicit_role(loaded: LoadedModel, base_tokenizer) -> Role:
+    """The explicit value's role for this model: token RM, causal classifier or bidirectional classifier."""
+    if loaded.spec.kind == "token_reward":
+        return TokenRewardRole([loaded], base_tokenizer)
+    if hasattr(loaded.model, "score"):
+        return CausalClassifierRole(loaded, base_tokenizer)
+    return EncoderClassifierRole(loaded, base_tokenizer)
 
 
 def classifier_weights(config, positive_label: str | None) -> torch.Tensor:
@@ -265,29 +313,3 @@ def classifier_weights(config, positive_label: str | None) -> torch.Tensor:
         weights[label2id[positive_label.lower()]] = 1.0
         return weights
     raise ValueError(f"a classifier with {n} labels needs num_labels=1 or 2 labels and positive_label")
-
-
-class EncoderSession:
-    """Chunk scoring with a bidirectional classifier: the whole prompt + response each time."""
-
-    def __init__(self, prompts: list[str], owners: list):
-        self.prompts, self.owners = prompts, owners
-        self.counts = Counter()
-
-    def select(self, rows: list[int]) -> None:
-        self.prompts = [self.prompts[r] for r in rows]
-        self.owners = [self.owners[r] for r in rows]
-
-    def tokens(self) -> Counter:
-        return self.counts
-
-    @torch.no_grad()
-    def score_texts(self, role: ExplicitRole, texts: list[str]) -> list[float]:
-        loaded = role.models[0]
-        template = loaded.spec.template or "{prompt}"
-        pairs = [template.format(prompt=p) + t for p, t in zip(self.prompts, texts)]
-        enc = loaded.tokenizer(pairs, return_tensors="pt", padding=True, truncation=True).to(loaded.device)
-        for owner, n in zip(self.owners, enc.attention_mask.sum(-1).tolist()):
-            self.counts[owner] += n
-        logits = upcast(loaded.model(**enc).logits)
-        return (logits @ role.label_weights.to(logits)).cpu().tolist()

@@ -11,7 +11,7 @@ The cache is $IVG_CACHE, else ~/.cache/ivg. Exit status 2 when an asset could no
 import argparse
 import sys
 
-from ivg import assets
+from ivg.offline import assets
 
 
 def show(names: list[str], about: bool = False) -> None:

@@ -26,7 +26,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,12 +34,12 @@ from pathlib import Path
 
 import psutil
 import torch
-import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ivg.config import DecodeConfig, GenerationConfig, MethodConfig, Models, ModelSpec
-from ivg.engine import Engine, LocalRoles, eos_ids, load_role, needed_roles
-from ivg.models import LoadedModel, load_tokenizer, prompt_ids
+from ivg.engine import Engine, load_role, needed_roles
+from ivg.models import LoadedModel, load_tokenizer, pad_id, prompt_ids
+from ivg.provenance import git_revision, versions
 from ivg.profiling import ForwardTimer, record_calls, synchronize
 from ivg.reference import naive_search
 
@@ -111,7 +110,7 @@ class NaiveImplicitGuidance(LogitsProcessor):
         logps, state = [], []
         for k, m in enumerate(self.models):
             if self.state is None:  # first step: encode the whole prefix
-                ids, mask = left_pad(self.prefixes, pad_of(m), m.device)
+                ids, mask = left_pad(self.prefixes, pad_id(m.tokenizer), m.device)
                 cache = None
             else:  # then only the token sampled last
                 cache, mask = self.state[k]
@@ -129,10 +128,6 @@ def lm_call(model, ids, mask, cache, keep):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                  use_cache=cache is not None or keep == 1, logits_to_keep=keep)
-
-
-def pad_of(m: LoadedModel) -> int:
-    return m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
 
 
 def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,18 +163,18 @@ class NaiveIVG:
 
     def sample_chunk(self, heads, children, n) -> list[list[int]]:
         base = self.m["base"]
-        ids, mask = left_pad([heads["base"] + c for c in children], pad_of(base), base.device)
+        ids, mask = left_pad([heads["base"] + c for c in children], pad_id(base.tokenizer), base.device)
         guide = NaiveImplicitGuidance(self.m["tuned"], self.m["untuned"], [heads["tuned"] + c for c in children],
                                       self.method.beta_token)
         out = base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                   do_sample=True, temperature=self.decode.temperature, top_k=0, top_p=1.0,
-                                  logits_processor=LogitsProcessorList([guide]), pad_token_id=pad_of(base))
+                                  logits_processor=LogitsProcessorList([guide]), pad_token_id=pad_id(base.tokenizer))
         self.tokens += int(mask.sum()) + (n - 1) * len(children) + guide.tokens  # base: prefill, then n - 1 steps
         return out[:, ids.shape[1]:].tolist()
 
     def score(self, head, children) -> list[float]:
         m = self.m["explicit"]
-        ids, mask = left_pad([head + c for c in children], pad_of(m), m.device)
+        ids, mask = left_pad([head + c for c in children], pad_id(m.tokenizer), m.device)
         q = lm_call(m.model, ids, mask, None, keep=2).logits[:, 0]  # (B, V): Q(s_{n-1}, .)
         self.tokens += int(mask.sum())
         return (self.method.beta_chunk * q.gather(-1, ids[:, -1:]).squeeze(-1)).tolist()
@@ -211,10 +206,7 @@ def load_engine(config: GenerationConfig) -> tuple[Engine, dict]:
         rss[f"{name}_weights"] = sum(t.numel() * t.element_size() for m in roles[name].models
                                      for t in [*m.model.parameters(), *m.model.buffers()]) / 2**20
         rss[f"{name}_rss_added"] = rss_mb() - before
-    base = roles["base"].models[0]
-    engine = Engine(config, LocalRoles(roles), base.tokenizer,
-                    eos_ids(base.tokenizer, getattr(base.model, "generation_config", None)))
-    return engine, rss
+    return Engine.from_roles(config, roles), rss
 
 
 def with_tokens(engine: Engine, n: int) -> Engine:
@@ -377,15 +369,6 @@ def machine(device: str, threads: int) -> dict:
     return info
 
 
-def versions() -> dict:
-    import ray
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent.parent).stdout.strip() or None
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__, "ivg_commit": commit}
-
-
 def headline(by_model: dict) -> tuple[dict, dict]:
     """Each key from the most realistic family that measured it (the last in the suite)."""
     keys = ["speedup_vs_naive", "naive_over_engine_tokens", "speedup_vs_reference", "forward_fraction",
@@ -419,7 +402,7 @@ def markdown(report: dict) -> str:
 def run_suite(suite: str, device: str, threads: int, log=print) -> dict:
     torch.set_num_threads(threads)
     report = {"suite": suite, "command": " ".join(["python -m jobs.bench"] + sys.argv[1:]),
-              "machine": machine(device, threads), "versions": versions()}
+              "machine": machine(device, threads), "versions": versions(), "git": git_revision()}
     by_model = {}
     for family, work in SUITES[suite].items():
         start = time.perf_counter()

@@ -9,16 +9,18 @@ judged by the offline sentiment gold model. The run dir layout is in pipeline/ev
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import sys
 
 import pandas as pd
-import yaml
 
-from ivg.alpaca import length_controlled_winrate, load_annotations
-from pipeline.eval_config import EvalConfig
+from ivg.config import ConfigError, from_dict
+from ivg.eval.alpaca import length_controlled_winrate, load_annotations
+from ivg.eval.config import EvalConfig
+from pipeline.config import read_yaml
 from pipeline.evaluate import evaluate_run
 
 DEFAULT = {"gold": {"name": "auto", "kind": "offline_sentiment"}}
@@ -42,14 +44,17 @@ def main(argv=None):
         print(json.dumps(metrics))
         return metrics
 
-    raw = DEFAULT
-    if args.config:
-        with open(args.config) as f:
-            raw = yaml.safe_load(f) or {}
-        raw = raw.get("eval", raw)
-    cfg = EvalConfig.from_dict(raw)
+    try:
+        raw = DEFAULT
+        if args.config:
+            raw = read_yaml(args.config)
+            raw = raw.get("eval", raw)
+        cfg = from_dict(EvalConfig, raw, "eval")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.glm_inputs and cfg.alpaca:
-        cfg.alpaca.glm_inputs = args.glm_inputs
+        cfg = dataclasses.replace(cfg, alpaca=dataclasses.replace(cfg.alpaca, glm_inputs=args.glm_inputs))
     summary = evaluate_run(args.run, cfg)
     rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
             for r in summary.to_dict(orient="records")]
@@ -58,4 +63,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,7 +1,8 @@
-"""The whole run in one typed config: run, data, models, decode, methods, pipeline, eval.
+"""The whole run in one typed config: run, data, models, decode, methods, pipeline, experiment, train, eval.
 
-`models`, `decode` and `methods` are the engine's own dataclasses (ivg/config.py); this file adds
-what only a distributed run needs. `load_config` reads YAML, applies command-line overrides, and
+`models`, `decode` and `methods` are the engine's own dataclasses (ivg/config.py), `train` and `eval`
+the applications' (ivg/train/config.py, ivg/eval/config.py); this file adds what only a distributed
+run needs and the `experiment` section of jobs.run. Every section loads through ivg.config.from_dict. `load_config` reads YAML, applies command-line overrides, and
 validates everything at once; `Config.resolved()` is what gets written next to the outputs, and
 `Config.fingerprint()` hashes the settings that decide the output rows, so a rerun into the same
 directory can refuse to mix rows made by two different configs.
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from ivg.config import TRUNCATE, ConfigError, DecodeConfig, GenerationConfig, MethodConfig, Models, check, from_dict, \
-    plain_name
-from pipeline.eval_config import EvalConfig
+from ivg.config import TRUNCATE, ConfigError, DecodeConfig, GenerationConfig, MethodConfig, Models, ModelSpec, check, \
+    from_dict, plain_name
+from ivg.eval.config import EvalConfig
+from ivg.train.config import ProbeConfig, TrainConfig
 from pipeline.io import OUTPUT_SCHEMA
 
 
@@ -130,6 +132,44 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class PromptsConfig:
+    """`experiment.prompts`: evaluation prompts (and disjoint guide-training prompts) cut from a table.
+
+    The table is shuffled with `seed`; its first `train_n` rows train the guides, the next `n` are
+    evaluated, so no guide has seen an evaluation prompt."""
+
+    path: str  # Parquet / JSONL, or asset:<name>
+    column: str = "prompt"
+    id_column: str = "id"
+    n: int | None = None  # evaluated prompts; None = all that are left
+    train_n: int = 0
+    prefix_words: int | None = None  # keep each text's opening words, for the model to continue
+    min_words: int = 0  # skip shorter texts
+    seed: int = 0
+
+    def validate(self, where: str = "experiment.prompts") -> None:
+        check(self.n is None or self.n >= 1, f"{where}.n", "must be >= 1 (or null for all)")
+        check(self.train_n >= 0, f"{where}.train_n", "must be >= 0")
+        check(self.prefix_words is None or self.prefix_words >= 1, f"{where}.prefix_words", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """What jobs.run does before generating: fetch assets, cut prompts, fit the explicit probe."""
+
+    prompts: PromptsConfig
+    assets: tuple[str, ...] = ()  # offline assets to fetch first (python -m jobs.assets --list)
+    explicit_probe: ProbeConfig | None = None  # becomes models.explicit
+
+    def validate(self, where: str = "experiment") -> None:
+        self.prompts.validate(f"{where}.prompts")
+        from ivg.offline.assets import ASSETS
+
+        unknown = [a for a in self.assets if a not in ASSETS]
+        check(not unknown, f"{where}.assets", f"unknown asset(s) {unknown}; known: {sorted(ASSETS)}")
+
+
+@dataclass(frozen=True)
 class Config:
     models: Models
     run: RunConfig = field(default_factory=RunConfig)
@@ -137,23 +177,44 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     methods: tuple[MethodConfig, ...] = (MethodConfig(),)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    # The evaluation stage's section, kept as the YAML mapping that jobs.evaluate parses; checked here
-    # so a typo fails before generation, not after it.
-    eval: dict | None = None
+    experiment: ExperimentConfig | None = None  # jobs.run: prompts, assets, probe
+    train: TrainConfig | None = None  # jobs.run / jobs.train_guides: the guides this config uses
+    eval: EvalConfig | None = None  # jobs.evaluate
 
     def __post_init__(self):
-        self.generation  # validates models, decode and methods (ivg's checks)
+        # validates models, decode and methods (ivg's checks) against the models as they will be once
+        # jobs.run has trained the guides and fitted the probe
+        GenerationConfig(self.planned_models(), self.decode, self.methods, self.run.seed)
         self.run.validate()
-        self.data.validate()
+        if self.experiment is None:  # jobs.run writes the prompts and sets data.path
+            self.data.validate()
+        else:
+            self.experiment.validate()
         self.pipeline.validate()
-        if self.eval is not None:
-            try:
-                EvalConfig.from_dict(self.eval)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(str(e)) from None
+
+    def planned_models(self) -> Models:
+        """The models once training has filled them: a trained tuned model and the probe or token RM stand
+        in (by name only) where the config leaves them to `train` and `experiment.explicit_probe`."""
+        m = self.models
+        if self.train is not None and m.tuned is None:
+            m = dataclasses.replace(m, tuned=dataclasses.replace(self.train.untuned, name="<trained by train:>"),
+                                    untuned=self.train.untuned)
+            if self.train.settings.token_rm and m.explicit is None:
+                m = dataclasses.replace(m, explicit=ModelSpec("<trained by train:>", kind="token_reward"))
+        if self.experiment is not None and self.experiment.explicit_probe is not None and m.explicit is None:
+            m = dataclasses.replace(m, explicit=ModelSpec("<fitted by experiment.explicit_probe>", kind="classifier"))
+        return m
+
+    def needs_training(self) -> list[str]:
+        """The models only jobs.run can make for this config (empty: jobs.generate can run it as it is)."""
+        planned, given = self.planned_models(), self.models
+        return [r for r in ("tuned", "untuned", "explicit") if getattr(given, r) is None and getattr(planned, r) is not None]
 
     @property
     def generation(self) -> GenerationConfig:
+        if missing := self.needs_training():
+            raise ConfigError(f"models.{missing[0]}: this config trains its guides or fits its probe first "
+                              f"(the train: / experiment: sections); run it with `python -m jobs.run --config ...`")
         return GenerationConfig(self.models, self.decode, self.methods, self.run.seed)
 
     def resolved(self) -> dict:
@@ -168,9 +229,9 @@ class Config:
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_config(path: str | Path, input: str | None = None, output: str | None = None) -> Config:
-    """Read a YAML config; `input` / `output` (the command-line flags) override data.path / run.output.
-    safe_load: a config is data, and YAML tags that build Python objects are refused."""
+def read_yaml(path: str | Path) -> dict:
+    """A config file as plain data. safe_load: a config is data, and YAML tags that build Python objects
+    are refused."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as e:
@@ -178,6 +239,12 @@ def load_config(path: str | Path, input: str | None = None, output: str | None =
     except yaml.YAMLError as e:  # its message gives the line and column
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     check(isinstance(data, dict), str(path), "the config must be a mapping")
+    return data
+
+
+def load_config(path: str | Path, input: str | None = None, output: str | None = None) -> Config:
+    """Read a YAML config; `input` / `output` (the command-line flags) override data.path / run.output."""
+    data = read_yaml(path)
     if input is not None:
         data = {**data, "data": {**(data.get("data") or {}), "path": input}}
     if output is not None:

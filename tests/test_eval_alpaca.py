@@ -10,7 +10,7 @@ import pytest
 from alpaca_eval.metrics import get_winrate
 
 import eval_fakes
-from ivg.alpaca import GlmInputsMissing, length_controlled_winrate, load_annotations, offline_annotations
+from ivg.eval.alpaca import GlmInputsMissing, length_controlled_winrate, load_annotations, offline_annotations
 
 SHARED = Path("/work/shared/alpaca_eval")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_missing_glm_inputs_fail_fast(tmp_path):
     ann = offline_annotations(["q"], ["a"], ["b"], [1.0], [0.0], [0], "m")
     with pytest.raises(GlmInputsMissing, match="df_gamed.csv"):
         length_controlled_winrate(ann, tmp_path)
-    script = "from ivg.alpaca import glm_input_paths\nglm_input_paths()"
+    script = "from ivg.eval.alpaca import glm_input_paths\nglm_input_paths()"
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
     t = time.time()
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -5,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ivg.gold import OFFLINE_REPORT, GoldScorer, GoldSpec, build_offline_sentiment, ensure_offline_sentiment, load_gold
+from ivg.eval.config import GoldSpec
+from ivg.eval.gold import OFFLINE_REPORT, GoldScorer, OfflineSentimentRecipe, ensure_offline_sentiment
 import eval_fakes
 
 PROMPTS = ["the film was", "the plot", "a", "the acting and story were very"]
@@ -36,7 +38,7 @@ def manual_logits(folder, texts):
 def test_classifier_label_difference(models):
     texts = [p + r for p, r in zip(PROMPTS, RESPONSES)]
     logits = manual_logits(models["classifier"], texts)  # labels 0 NEGATIVE, 1 NEUTRAL, 2 POSITIVE
-    got = load_gold(GoldSpec(str(models["classifier"]), "classifier", batch_size=3)).score(PROMPTS, RESPONSES)
+    got = GoldScorer(GoldSpec(str(models["classifier"]), "classifier", batch_size=3)).score(PROMPTS, RESPONSES)
     np.testing.assert_allclose(got, logits[:, 2] - logits[:, 0], atol=1e-5)
     # the labels are looked up by name, so another pair gives another difference
     other = GoldScorer(GoldSpec(str(models["classifier"]), positive_label="NEUTRAL", negative_label="POSITIVE"))
@@ -53,9 +55,9 @@ def test_scalar_reward_model_with_format(models):
     texts = [fmt.format(prompt=p, response=r) for p, r in zip(PROMPTS, RESPONSES)]
     expected = manual_logits(models["rm"], texts)[:, 0]
     for batch_size in (1, 4):  # right padding + last-token pooling must not change a score
-        got = load_gold(GoldSpec(str(models["rm"]), "scalar", format=fmt, batch_size=batch_size)).score(PROMPTS, RESPONSES)
+        got = GoldScorer(GoldSpec(str(models["rm"]), "scalar", format=fmt, batch_size=batch_size)).score(PROMPTS, RESPONSES)
         np.testing.assert_allclose(got, expected, atol=1e-4)
-    plain = load_gold(GoldSpec(str(models["rm"]), "scalar")).score(PROMPTS, RESPONSES)
+    plain = GoldScorer(GoldSpec(str(models["rm"]), "scalar")).score(PROMPTS, RESPONSES)
     assert not np.allclose(plain, expected, atol=1e-4)  # the format really reaches the model
 
 
@@ -66,13 +68,15 @@ def test_scalar_needs_one_label(models):
 
 def test_offline_sentiment_trains_saves_and_reuses(models):
     out = models["root"] / "offline"
-    report = build_offline_sentiment(models["encoder"], models["snippets"], out, C=10.0)
+    recipe = OfflineSentimentRecipe(encoder=str(models["encoder"]), snippets=str(models["snippets"]), C=10.0)
+    ensure_offline_sentiment(out, recipe)
+    report = json.loads((out / OFFLINE_REPORT).read_text())
     assert report["n_test"] == 48 and report["n_train"] == 192
     assert report["accuracy"] >= 0.75, report  # sentiment is carried by a few words here
     assert 0 <= report["vader_accuracy"] <= 1
     assert (out / "model.safetensors").exists() and json.loads((out / OFFLINE_REPORT).read_text()) == report
 
-    scorer = load_gold(GoldSpec(str(out), "offline_sentiment", batch_size=5))
+    scorer = GoldScorer(GoldSpec(str(out), "offline_sentiment", batch_size=5))
     pos = scorer.score(["", ""], ["great wonderful superb film", "brilliant and moving story"])
     neg = scorer.score(["", ""], ["awful boring dull film", "terrible and tedious story"])
     assert min(pos) > max(neg)
@@ -81,14 +85,18 @@ def test_offline_sentiment_trains_saves_and_reuses(models):
     one = GoldScorer(GoldSpec(str(out), "offline_sentiment", batch_size=1)).score(PROMPTS, RESPONSES)
     np.testing.assert_allclose(scorer.score(PROMPTS, RESPONSES), one, atol=1e-4)
 
-    # a second call reuses the folder: no training, even without the assets
+    # a second call with the same recipe reuses the folder: no training
     mtime = (out / "model.safetensors").stat().st_mtime_ns
-    assert ensure_offline_sentiment(out) == out
+    assert ensure_offline_sentiment(out, recipe) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+    # another recipe (here: another regularisation) is another model: it is built again, not reused
+    ensure_offline_sentiment(out, dataclasses.replace(recipe, C=0.01))
+    assert (out / "model.safetensors").stat().st_mtime_ns != mtime
+    assert json.loads((out / OFFLINE_REPORT).read_text())["recipe"]["C"] == 0.01
 
 
 def test_vader_kind():
-    scorer = load_gold(GoldSpec("vader", "vader", format="{response}"))
+    scorer = GoldScorer(GoldSpec("vader", "vader", format="{response}"))
     good, bad = scorer.score(["x", "x"], ["What a wonderful, moving film!", "Awful. Boring and terrible."])
     assert good > 0.5 and bad < -0.5
 
@@ -99,10 +107,12 @@ def test_vader_kind():
      ({"batch_size": 0}, "batch_size")],
 )
 def test_spec_validation_names_field(kw, field):
-    with pytest.raises(ValueError, match=f"GoldSpec.{field}"):
-        GoldSpec("m", **kw)
+    with pytest.raises(ValueError, match=rf"gold\.{field}:"):
+        GoldSpec("m", **kw).validate("gold")
+    with pytest.raises(ValueError, match=rf"gold\.{field}:"):
+        GoldScorer(GoldSpec("m", **kw))
 
 
 def test_score_length_mismatch(models):
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
-        load_gold(GoldSpec("vader", "vader")).score(["a", "b"], ["c"])
+        GoldScorer(GoldSpec("vader", "vader")).score(["a", "b"], ["c"])

@@ -9,9 +9,11 @@ import pytest
 from scipy import stats
 
 import eval_fakes
-from ivg.gold import GoldSpec
-from pipeline.eval_config import AlpacaConfig, EvalConfig
-from pipeline.evaluate import evaluate_run, summarize, t_interval
+from ivg.config import from_dict
+from ivg.eval.config import GoldSpec
+from ivg.eval.config import AlpacaConfig, EvalConfig
+from ivg.eval.summary import summarize, t_interval
+from pipeline.evaluate import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,13 +112,13 @@ def test_alpaca_offline_judge_in_run(tmp_path):
 
 
 def test_eval_config_validation_names_field():
-    with pytest.raises(ValueError, match=r"eval: unknown field\(s\) \['golds'\]"):
-        EvalConfig.from_dict({"golds": {}})
-    with pytest.raises(ValueError, match="eval.gold: GoldSpec.kind"):
-        EvalConfig.from_dict({"gold": {"name": "x", "kind": "nope"}})
+    with pytest.raises(ValueError, match=r"eval: unknown key\(s\) \['golds'\]"):
+        from_dict(EvalConfig, {"golds": {}}, "eval")
+    with pytest.raises(ValueError, match=r"eval\.gold\.kind: 'nope' is not one of"):
+        from_dict(EvalConfig, {"gold": {"name": "x", "kind": "nope"}}, "eval")
     with pytest.raises(ValueError, match="eval.alpaca.judge_model"):
-        EvalConfig.from_dict({"alpaca": {"judge": "offline"}})
-    cfg = EvalConfig.from_dict({"gold": {"name": "x", "kind": "scalar"}, "alpaca": {"glm_inputs": "/g"}})
+        from_dict(EvalConfig, {"alpaca": {"judge": "offline"}}, "eval")
+    cfg = from_dict(EvalConfig, {"gold": {"name": "x", "kind": "scalar"}, "alpaca": {"glm_inputs": "/g"}}, "eval")
     assert cfg.gold.kind == "scalar" and cfg.alpaca.glm_inputs == "/g"
 
 

@@ -48,7 +48,15 @@ def processes_of(temp_dir: str) -> list[psutil.Process]:
             found.update({c.pid: c for c in p.children(recursive=True)})
         except psutil.NoSuchProcess:
             pass
-    return list(found.values())
+    return [p for p in found.values() if _alive(p)]
+
+
+def _alive(p: psutil.Process) -> bool:
+    """Running: not gone, and not a zombie (dead, only waiting for a parent that may never reap it)."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stop_cluster(temp_dir: str) -> None:

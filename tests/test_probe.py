@@ -6,7 +6,9 @@ import pytest
 
 from ivg.config import ConfigError, DecodeConfig, GenerationConfig, MethodConfig, Models, ModelSpec
 from ivg.engine import Engine
-from ivg.probe import MARKER, ProbeSettings, train_probe
+from ivg.offline.store import MARKER
+from ivg.train.config import ProbeSettings
+from ivg.train.probe import train_probe
 from ivg.tiny import tiny_model
 
 
@@ -46,5 +48,5 @@ def test_probe_learns_cached_and_scores_in_the_engine(body, tmp_path, capsys):
 
 
 def test_probe_settings_name_the_field():
-    with pytest.raises(ConfigError, match="probe.heldout"):
+    with pytest.raises(ConfigError, match="experiment.explicit_probe.settings.heldout"):
         ProbeSettings(heldout=1.5)

@@ -12,8 +12,10 @@ from ivg.config import ConfigError, GenerationConfig, MethodConfig, ModelSpec, M
 from ivg.engine import Engine
 from ivg.models import load
 from ivg.tiny import tiny_model
-from ivg import train
-from ivg.train import GuideConfig, TrainSettings, accuracy, encode, label_pairs, pair_values, sample_pairs
+from ivg.offline.store import MARKER
+from ivg.train import guides as train
+from ivg.train.config import TrainConfig, TrainSettings
+from ivg.train.pairs import accuracy, encode, label_pairs, pair_values, sample_pairs
 
 VOWELS = set("aeiouAEIOU")
 PROMPTS = [f"Review {i}: the film" for i in range(24)]
@@ -35,8 +37,8 @@ def save_tiny(path, name="tiny:untuned"):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("guides")
-    config = GuideConfig(untuned=save_tiny(root / "untuned"), gold="vowels", out=str(root / "out"), settings=SETTINGS)
-    paths = train.train_guides(config, PROMPTS, vowel_gold, log=lambda _: None)
+    config = TrainConfig(untuned=save_tiny(root / "untuned"), out=str(root / "out"), settings=SETTINGS)
+    paths = train.train_guides(config, PROMPTS, vowel_gold, "vowels", log=lambda _: None)
     return config, paths
 
 
@@ -82,7 +84,7 @@ def test_token_rm_orders_pairs_by_last_q(run):
 
 def test_record_and_model_cards(run):
     config, paths = run
-    record = json.loads((paths.dir / train.MARKER).read_text())
+    record = json.loads((paths.dir / MARKER).read_text())["facts"]
     assert record["metrics"]["train"]["implicit_accuracy"] >= 0.8
     assert record["metrics"]["heldout"]["pairs"] > 0
     assert record["config"]["settings"]["lora_r"] == 8
@@ -96,23 +98,25 @@ def test_second_call_reuses_the_cache(run, monkeypatch):
     config, paths = run
     calls = []
     monkeypatch.setattr(train, "train_dpo", lambda *a, **k: calls.append(a))
-    assert train.train_guides(config, PROMPTS, vowel_gold, log=lambda _: None) == paths
+    assert train.train_guides(config, PROMPTS, vowel_gold, "vowels", log=lambda _: None) == paths
     assert calls == []
     # other settings: another folder
-    other = GuideConfig(**{**config.__dict__, "settings": TrainSettings(**{**SETTINGS.__dict__, "seed": 1})})
-    assert train.cache_key(other, PROMPTS) != train.cache_key(config, PROMPTS)
-    assert train.cache_key(config, PROMPTS[:-1] + ["x"]) != train.cache_key(config, PROMPTS)
+    other = TrainConfig(**{**config.__dict__, "settings": TrainSettings(**{**SETTINGS.__dict__, "seed": 1})})
+    key = train.build_key(config, "vowels", PROMPTS)
+    assert train.build_key(other, "vowels", PROMPTS) != key
+    assert train.build_key(config, "vowels", PROMPTS[:-1] + ["x"]) != key
+    assert train.build_key(config, "consonants", PROMPTS) != key  # another gold: other labels
 
 
 def test_force_retrains(tmp_path):
     settings = TrainSettings(n_prompts=4, max_new_tokens=6, heldout=0.0, epochs=1, batch_size=4, lora_r=None)
-    config = GuideConfig(untuned=ModelSpec("tiny:untuned"), gold="vowels", out=str(tmp_path), settings=settings)
-    first = train.train_guides(config, PROMPTS, vowel_gold, log=lambda _: None)
-    stamp = (first.dir / train.MARKER).stat().st_mtime_ns
-    assert train.train_guides(config, PROMPTS, vowel_gold, log=lambda _: None).dir == first.dir
-    assert (first.dir / train.MARKER).stat().st_mtime_ns == stamp
-    again = train.train_guides(config, PROMPTS, vowel_gold, force=True, log=lambda _: None)
-    assert again.dir == first.dir and (first.dir / train.MARKER).stat().st_mtime_ns != stamp
+    config = TrainConfig(untuned=ModelSpec("tiny:untuned"), out=str(tmp_path), settings=settings)
+    first = train.train_guides(config, PROMPTS, vowel_gold, "vowels", log=lambda _: None)
+    stamp = (first.dir / MARKER).stat().st_mtime_ns
+    assert train.train_guides(config, PROMPTS, vowel_gold, "vowels", log=lambda _: None).dir == first.dir
+    assert (first.dir / MARKER).stat().st_mtime_ns == stamp
+    again = train.train_guides(config, PROMPTS, vowel_gold, "vowels", force=True, log=lambda _: None)
+    assert again.dir == first.dir and (first.dir / MARKER).stat().st_mtime_ns != stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.dir.name]  # no temp folders left
 
 
@@ -136,10 +140,10 @@ def test_settings_validation_names_the_field(field, value):
 
 
 def test_too_few_prompts_names_n_prompts(tmp_path):
-    config = GuideConfig(untuned=ModelSpec("tiny:untuned"), gold="g", out=str(tmp_path),
+    config = TrainConfig(untuned=ModelSpec("tiny:untuned"), out=str(tmp_path),
                          settings=TrainSettings(n_prompts=5))
     with pytest.raises(ConfigError, match=r"train\.settings\.n_prompts"):
-        train.train_guides(config, PROMPTS[:2], vowel_gold)
+        train.train_guides(config, PROMPTS[:2], vowel_gold, "g")
 
 
 def test_job_main_trains_and_prints_the_guides(tmp_path, capsys):
@@ -150,10 +154,13 @@ def test_job_main_trains_and_prints_the_guides(tmp_path, capsys):
     gold.config.id2label, gold.config.label2id = {0: "NEGATIVE", 1: "POSITIVE"}, {"NEGATIVE": 0, "POSITIVE": 1}
     gold.save_pretrained(tmp_path / "gold")
     tok.save_pretrained(tmp_path / "gold")
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"id": "{i}", "prompt": "{p}"}}\n'
+                                                    for i, p in enumerate(["A film", "The movie was", "I think"])))
     (tmp_path / "c.yaml").write_text(f"""
+experiment:
+  prompts: {{path: "{tmp_path / 'prompts.jsonl'}"}}
 train:
   untuned: {{name: "tiny:untuned"}}
-  prompts: ["A film", "The movie was", "I think"]
   gold: {{kind: classifier, name: "{tmp_path / 'gold'}"}}
   settings: {{n_prompts: 3, max_new_tokens: 6, heldout: 0.0, epochs: 1, batch_size: 4, temperature: 1.0}}
   out: {tmp_path / "out"}
@@ -161,7 +168,7 @@ train:
     assert main(["--config", str(tmp_path / "c.yaml")]) == 0
     out = capsys.readouterr().out
     assert "tuned:" in out and "kind: token_reward" in out
-    (tmp_path / "bad.yaml").write_text("train: {untuned: {name: x}, prompts: [a], gold: {kind: vader, name: v}, "
+    (tmp_path / "bad.yaml").write_text("train: {untuned: {name: x}, gold: {kind: vader, name: v}, "
                                        "settings: {epochs: 0}}")
     assert main(["--config", str(tmp_path / "bad.yaml")]) == 2
     assert "train.settings.epochs" in capsys.readouterr().err

@@ -9,12 +9,16 @@ Judges:
 - offline: a local reward model r, preference = 1 + sigmoid(r(model) - r(reference)) (Bradley-Terry).
 - alpaca_eval's own annotators (e.g. `weighted_alpaca_eval_gpt4_turbo`): needs an API key and network.
 
-The LC win rate is alpaca_eval's own `get_length_controlled_winrate` (GLM `length_controlled_v1`). That code
-downloads `df_gamed.csv` and `instruction_difficulty.csv` from the hub dataset `tatsu-lab/alpaca_eval`; we
-resolve them first — from an explicit `glm_inputs` folder, else from the HF cache, else (online only) one
-download — and hand alpaca_eval the local paths, so offline it fails at once with a clear error.
-The GLM looks instruction difficulty up by the annotations' index (`df.reset_index()["index"]`): rows must
-carry their AlpacaEval instruction position (0..804) as the DataFrame index.
+The LC win rate is alpaca_eval's GLM `length_controlled_v1`, fitted with alpaca_eval's own pieces: its
+formula and regularisation (`GLM_INFO`), design matrices (`make_dmatrix_for_model`), cross-validated
+logistic fit (`fit_LogisticRegressionCV`) and raw win rate (`get_winrate`). Only the GLM's inputs are
+read here: alpaca_eval's `get_length_controlled_winrate` would download `df_gamed.csv` from the hub
+dataset `tatsu-lab/alpaca_eval` inside the call, so we resolve it first — from an explicit `glm_inputs`
+folder, else the HF cache, else (online only) one download — and offline fail at once with a clear
+error. The features are the GLM's published ones: instruction difficulty (looked up by the AlpacaEval
+instruction position 0..804, which rows carry as the DataFrame index), tanh of the standardised length
+difference, and whether the row is one of the two "gamed" baselines the fit is regularised towards.
+The tests check the result against the published leaderboard numbers.
 """
 
 import gzip
@@ -22,7 +26,6 @@ import json
 import os
 import socket
 from pathlib import Path
-from unittest import mock
 from urllib.parse import urlparse
 
 import numpy as np
@@ -141,16 +144,50 @@ def _missing_message(filename: str, why: str) -> str:
     )
 
 
-def length_controlled_winrate(annotations: pd.DataFrame, glm_inputs=None) -> dict:
+def length_controlled_winrate(annotations: pd.DataFrame, glm_inputs=None, glm_name: str = "length_controlled_v1") -> dict:
     """alpaca_eval's LC win rate, its standard error and the raw win rate (percent), plus n."""
-    from alpaca_eval.metrics import glm_winrate
+    from alpaca_eval.metrics import get_winrate
+    from alpaca_eval.metrics.glm_winrate import GLM_INFO, fit_LogisticRegressionCV
 
-    paths = glm_input_paths(glm_inputs)
+    info = GLM_INFO[glm_name]
+    metrics = get_winrate(annotations)
+    if annotations["generator_1"].nunique() != 1 or annotations["generator_2"].nunique() != 1:
+        raise ValueError("length_controlled_winrate: one model against one baseline per call")
+    if annotations["generator_1"].iloc[0] == annotations["generator_2"].iloc[0]:  # a model against itself
+        predicted = pd.Series(0.5, index=range(len(annotations)))
+    else:
+        train, test, weights = _glm_design(annotations, info, glm_input_paths(glm_inputs)["df_gamed.csv"])
+        keep = train["preference"].notna()
+        fit = fit_LogisticRegressionCV(train[keep], "preference", is_ytrue_proba=True,
+                                       sample_weight=None if weights is None else weights[keep], **info["kwargs"])
+        predicted = pd.Series(fit.predict_proba(test)[:, 1])  # P(model wins) with no length difference
+    metrics["length_controlled_winrate"] = predicted.mean() * 100
+    metrics["lc_standard_error"] = predicted.sem() * 100
+    return {**{k: float(metrics[k]) for k in METRIC_KEYS}, "n": int(metrics["n_total"])}
 
-    def local_download(repo_id, filename, **kwargs):  # stands in for hf_hub_download inside alpaca_eval
-        return paths[filename]
 
-    # save_weights_dir=None: by default alpaca_eval writes the GLM weights into its own install folder.
-    with mock.patch.object(glm_winrate, "hf_hub_download", local_download):
-        m = glm_winrate.get_length_controlled_winrate(annotations, save_weights_dir=None, is_warn_extreme_changes=False)
-    return {**{k: float(m[k]) for k in METRIC_KEYS}, "n": int(m["n_total"])}
+def _glm_design(annotations: pd.DataFrame, info: dict, df_gamed_csv: str):
+    """(train design + preference, test design, sample weights) of the LC GLM for these annotations."""
+    from alpaca_eval.metrics.glm_winrate import make_dmatrix_for_model
+
+    gamed = pd.read_csv(df_gamed_csv).drop(columns=["model"])  # the gamed baselines' rows, already featurised
+    difficulty = gamed.drop_duplicates("index")["instruction_difficulty"]  # by instruction position
+    rows = annotations.reset_index()
+    delta = rows["output_1"].str.len() - rows["output_2"].str.len()
+    own = pd.DataFrame({
+        "preference": rows["preference"].astype(float).replace({0.0: 1.5}) - 1,  # [1, 2] -> [0, 1]; 0 = a draw
+        "index": rows["index"],
+        "std_delta_len": delta / delta.std(),
+        "instruction_difficulty": rows["index"].map(lambda i: difficulty[i]),
+        "not_gamed_baseline": True,
+    })
+    test = own[["instruction_difficulty", "not_gamed_baseline"]].assign(std_delta_len=0.0)
+    lam = info["regularize_to_baseline_lambda"]
+    if not lam:
+        train, test = make_dmatrix_for_model(own, test, formula=info["formula"])
+        return train, test, None
+    both = pd.concat([gamed, own], axis=0)
+    train, test = make_dmatrix_for_model(both, test, formula=info["formula"])
+    # the model's own rows weigh 1; the two gamed baselines share lam between them
+    weights = both["not_gamed_baseline"].astype(float) + (lam * ~both["not_gamed_baseline"]).astype(float) / 2
+    return train, test, weights

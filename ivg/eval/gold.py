@@ -16,9 +16,8 @@ ordinary HF folder (safetensors, no remote code) that the same classifier code l
 """
 
 import json
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,49 +31,28 @@ from transformers import (
     AutoTokenizer,
 )
 
-KINDS = ("classifier", "scalar", "offline_sentiment", "vader")
+from ivg.eval.config import GoldSpec
+from ivg.files import sha256_file
+from ivg.models import resolve_name
+from ivg.offline.store import build_once, cache_root, marker
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLINE_REPORT = "gold_report.json"  # training numbers, saved beside the offline model's weights
-
-
-@dataclass
-class GoldSpec:
-    name: str  # HF id or folder; offline_sentiment: the folder that holds (or will hold) the model, "auto" = cache
-    kind: str = "classifier"  # one of KINDS
-    positive_label: str = "POSITIVE"  # classifier: looked up in config.id2label
-    negative_label: str = "NEGATIVE"
-    format: str = "{prompt}{response}"  # the text the gold model reads
-    batch_size: int = 32
-    device: str = "cpu"
-    dtype: str = "float32"  # one of DTYPES
-    max_length: int = 512  # tokens; longer texts are truncated (from the right)
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"GoldSpec.kind must be one of {KINDS}, got {self.kind!r}")
-        if not self.name:
-            raise ValueError("GoldSpec.name must be a model id or folder (offline_sentiment: 'auto' or a folder)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"GoldSpec.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size < 1 or self.max_length < 1:
-            raise ValueError(f"GoldSpec.batch_size and max_length must be >= 1, got {self.batch_size}, {self.max_length}")
-        try:
-            self.format.format(prompt="", response="")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"GoldSpec.format may only use {{prompt}} and {{response}}: {self.format!r} ({e})") from None
+OFFLINE_VERSION = 1  # bump when build_offline_sentiment changes what it fits
 
 
 class GoldScorer:
     """Loads the gold model once; `score` is a plain method a Ray actor can wrap."""
 
     def __init__(self, spec: GoldSpec):
+        spec.validate("gold")
         self.spec = spec
         if spec.kind == "vader":
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
             self.vader = SentimentIntensityAnalyzer()
             return
-        path = ensure_offline_sentiment(offline_dir(spec.name)) if spec.kind == "offline_sentiment" else spec.name
+        path = offline_model(spec.name) if spec.kind == "offline_sentiment" else resolve_name(spec.name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = _load_classifier(path, DTYPES[spec.dtype]).to(spec.device).eval()
         if self.tokenizer.pad_token is None:  # decoder reward models (GPT-2, Llama) often ship without one
@@ -118,8 +96,23 @@ class GoldScorer:
         return self.pick(logits).tolist()
 
 
-def load_gold(spec: GoldSpec) -> GoldScorer:
-    return GoldScorer(spec)
+def gold_identity(spec: GoldSpec) -> dict:
+    """What a gold score depends on, as data: the spec's fields that change a score and the model's own
+    identity (its weights' build key or files, or the VADER version). Two scores with equal identities
+    are interchangeable; `device` and `batch_size` only change how fast they are computed."""
+    fields = {k: v for k, v in asdict(spec).items() if k not in ("device", "batch_size")}
+    if spec.kind == "vader":
+        import importlib.metadata
+
+        model = {"vaderSentiment": importlib.metadata.version("vaderSentiment")}
+    elif spec.kind == "offline_sentiment":
+        folder = offline_dir(spec.name)
+        built = marker(folder)
+        model = built["key"] if built else OfflineSentimentRecipe().key()
+    else:
+        name = resolve_name(spec.name)
+        model = input_identity(name) if Path(name).exists() else {"hub": name}
+    return {"spec": fields, "model": model}
 
 
 def _load_classifier(path, dtype):
@@ -140,45 +133,77 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def offline_dir(name: str) -> Path:
     """'auto' -> the ivg cache ($IVG_CACHE, else ~/.cache/ivg)/gold/offline-sentiment; else the folder named."""
-    if name != "auto":
-        return Path(name)
-    from ivg.assets import cache_root
-
-    return cache_root() / "gold" / "offline-sentiment"
+    return cache_root() / "gold" / "offline-sentiment" if name == "auto" else Path(name)
 
 
-def ensure_offline_sentiment(out_dir: Path, encoder_dir: Path | None = None, snippets: Path | None = None) -> Path:
-    """The trained folder, built first if it is not there yet (assets resolved only then)."""
-    out_dir = Path(out_dir)
-    if (out_dir / OFFLINE_REPORT).exists():
-        return out_dir
-    if encoder_dir is None or snippets is None:
-        from ivg.assets import resolve  # raises AssetMissing, which says how to fetch
+@dataclass(frozen=True)
+class OfflineSentimentRecipe:
+    """Everything that decides the offline gold model; its key names the build (a change rebuilds)."""
 
-        encoder_dir, snippets = encoder_dir or resolve("minilm"), snippets or resolve("movie-snippets")
-    build_offline_sentiment(encoder_dir, snippets, out_dir)
-    return out_dir
+    encoder: str = "asset:minilm"  # an HF encoder folder (or asset)
+    snippets: str = "asset:movie-snippets"  # Parquet with text, label (0/1)
+    test_fraction: float = 0.2
+    seed: int = 0
+    C: float = 0.1  # mild L2: the 384-d MiniLM features overfit 8k snippets a little at C=1
+    max_length: int = 128
+    batch_size: int = 64  # embedding batches: speed only, so not in the key
+
+    def key(self) -> dict:
+        facts = {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        return {"recipe": "offline-sentiment", "version": OFFLINE_VERSION, **facts,
+                "encoder": input_identity(self.encoder), "snippets": input_identity(self.snippets)}
 
 
-def build_offline_sentiment(
-    encoder_dir, snippets, out_dir, *, test_fraction: float = 0.2, seed: int = 0, C: float = 0.1,
-    batch_size: int = 64, max_length: int = 128,
-) -> dict:
-    """Train the head, write the folder atomically, return (and save) the held-out report."""
+def input_identity(name: str):
+    """What an input of a build is, for its key: an asset's pins (known without fetching it), a built
+    folder's own key, else a file's sha256 or a folder's file list with sizes."""
+    if name.startswith("asset:"):
+        from ivg.offline.assets import ASSETS
+
+        asset = ASSETS.get(name.removeprefix("asset:"))
+        if asset is not None:
+            return asset.key
+    path = Path(name)
+    if path.is_file():
+        return {"path": str(path), "sha256": sha256_file(path)}
+    built = marker(path) if path.is_dir() else None
+    if built is not None:
+        return built["key"]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return {"path": str(path), "files": [[str(p.relative_to(path)), p.stat().st_size] for p in files]}
+
+
+def offline_model(name: str) -> Path:
+    """The offline sentiment model a GoldSpec names: "auto" is the default recipe's build in the cache
+    (built now if missing or made by another recipe); a folder is taken as built, whatever its recipe
+    (its marker records which: gold_identity reads it), and built with the default recipe if empty."""
+    folder = offline_dir(name)
+    if name != "auto" and marker(folder) is not None:
+        return folder
+    return ensure_offline_sentiment(folder)
+
+
+def ensure_offline_sentiment(out_dir: Path, recipe: OfflineSentimentRecipe = OfflineSentimentRecipe()) -> Path:
+    """The trained folder for `recipe`, built first if it is not there (assets resolved only then)."""
+    return build_once(Path(out_dir), recipe.key(), lambda tmp: build_offline_sentiment(recipe, tmp))
+
+
+def build_offline_sentiment(recipe: OfflineSentimentRecipe, out_dir: Path) -> dict:
+    """Train the head into `out_dir` (an empty folder); return (and save) the held-out report."""
     from sklearn.linear_model import LogisticRegression
 
     t0 = time.time()
+    encoder_dir, snippets = resolve_name(recipe.encoder), resolve_name(recipe.snippets)
     df = read_snippets(snippets)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(recipe.seed)
     is_test = np.zeros(len(df), dtype=bool)
-    is_test[rng.permutation(len(df))[: max(1, int(len(df) * test_fraction))]] = True
+    is_test[rng.permutation(len(df))[: max(1, int(len(df) * recipe.test_fraction))]] = True
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
     encoder = AutoModel.from_pretrained(encoder_dir, dtype=torch.float32).eval()
-    x = embed(encoder, tokenizer, df["text"].tolist(), batch_size, max_length)  # (N, H)
+    x = embed(encoder, tokenizer, df["text"].tolist(), recipe.batch_size, recipe.max_length)  # (N, H)
     y = df["label"].to_numpy()
-    # C=0.1: mild L2; the 384-d MiniLM features overfit 8k snippets a little at C=1.
-    head = LogisticRegression(C=C, max_iter=2000).fit(x[~is_test], y[~is_test])
+    head = LogisticRegression(C=recipe.C, max_iter=2000).fit(x[~is_test], y[~is_test])
     accuracy = float(head.score(x[is_test], y[is_test]))
 
     # Two labels whose logit difference is the regression's decision function: POSITIVE - NEGATIVE = w·x + b.
@@ -195,19 +220,11 @@ def build_offline_sentiment(
         "n_train": int((~is_test).sum()),
         "n_test": int(is_test.sum()),
         "train_seconds": time.time() - t0,
-        "encoder": str(encoder_dir),
-        "snippets": str(snippets),
-        "C": C,
-        "seed": seed,
+        "recipe": asdict(recipe),
     }
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / OFFLINE_REPORT).write_text(json.dumps(report, indent=2))  # written last: marks the folder complete
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (Path(out_dir) / OFFLINE_REPORT).write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -8,35 +8,20 @@ engine then scores prefixes incrementally (ExplicitRole, kind classifier): a chu
 
 import json
 import random
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from transformers import AutoModelForSequenceClassification
 
-from ivg.config import ModelSpec, check
-from ivg.models import load_tokenizer, source
+from ivg.config import ModelSpec
+from ivg.models import load_tokenizer, resolve_name, source
+from ivg.offline.store import build_once, cache_root, digest, is_built
+from ivg.train.config import ProbeConfig, ProbeSettings
 
-MARKER = "probe.json"  # written last: a folder without it is not a finished probe
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    n: int = 2000  # labelled texts used (train + held out)
-    heldout: float = 0.2
-    C: float = 1.0  # inverse L2 strength of the logistic regression
-    batch_size: int = 32
-    max_tokens: int = 64  # texts are cut to their first tokens, like the short prefixes scored at decode time
-    seed: int = 0
-
-    def __post_init__(self):
-        check(self.n >= 10, "probe.n", "must be >= 10")
-        check(0 < self.heldout < 1, "probe.heldout", "must be in (0, 1)")
-        check(self.C > 0, "probe.C", "must be > 0")
-        check(self.batch_size >= 1 and self.max_tokens >= 2, "probe.batch_size", "batch_size >= 1, max_tokens >= 2")
+PROBE_VERSION = 1  # bump when what the probe fits changes
+REPORT = "probe.json"
 
 
 @torch.no_grad()
@@ -54,14 +39,40 @@ def last_hidden(model, tokenizer, texts: list[str], batch_size: int, max_tokens:
     return np.concatenate(out)
 
 
+def ensure_probe(config: ProbeConfig, log=print) -> ModelSpec:
+    """The probe of `config` (its labelled texts read from config.path), fitted once per key."""
+    import pandas as pd
+
+    path = resolve_name(config.path)
+    frame = pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_json(path, lines=True)
+    for field in ("text_column", "label_column"):
+        if getattr(config, field) not in frame.columns:
+            raise ValueError(f"experiment.explicit_probe.{field}: {getattr(config, field)!r} is not a column of {path}")
+    texts, labels = list(frame[config.text_column]), list(frame[config.label_column])
+    out = Path(config.out).expanduser() if config.out else cache_root() / "probes" / digest(probe_key(config.body, texts, labels, config.settings))
+    return train_probe(config.body, texts, labels, out, config.settings, log)
+
+
+def probe_key(body: ModelSpec, texts: list[str], labels: list[int], settings: ProbeSettings) -> dict:
+    return {"recipe": "probe", "version": PROBE_VERSION, "body": asdict(body), "settings": asdict(settings),
+            "data": digest([list(map(str, texts)), [int(y) for y in labels]], 64)}
+
+
 def train_probe(body: ModelSpec, texts: list[str], labels: list[int], out_dir, settings: ProbeSettings,
                 log=print) -> ModelSpec:
-    """Fit, measure on held-out texts, save as an HF sequence classifier; returns its ModelSpec."""
+    """Fit, measure on held-out texts, save as an HF sequence classifier (once per key); returns its ModelSpec."""
     out_dir = Path(out_dir).expanduser()
-    spec = ModelSpec(str(out_dir), kind="classifier", template=body.template)
-    if (out_dir / MARKER).is_file():
+    key = probe_key(body, texts, labels, settings)
+    if is_built(out_dir, key):
         log(f"probe: cached {out_dir}")
-        return spec
+    else:
+        build_once(out_dir, key, lambda tmp: _fit(body, texts, labels, tmp, settings, log))
+    return ModelSpec(str(out_dir), kind="classifier", template=body.template)
+
+
+def _fit(body: ModelSpec, texts: list[str], labels: list[int], out_dir: Path, settings: ProbeSettings, log) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
     order = list(range(len(texts)))
     random.Random(settings.seed).shuffle(order)
     order = order[:settings.n]
@@ -86,13 +97,9 @@ def train_probe(body: ModelSpec, texts: list[str], labels: list[int], out_dir, s
     model.score.weight.data = torch.tensor(weight, dtype=torch.float32)[None]
     model.config.id2label, model.config.label2id = {0: "SCORE"}, {"SCORE": 0}
     model.config.pad_token_id = tokenizer.pad_token_id
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     report = {"body": asdict(body), "settings": asdict(settings), "n_train": len(order) - n_test, "n_test": n_test,
               "heldout_accuracy": accuracy, "positive_rate": float(y.mean())}
-    (tmp / MARKER).write_text(json.dumps(report, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return spec
+    (out_dir / REPORT).write_text(json.dumps(report, indent=1))
+    return report
