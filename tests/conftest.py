@@ -1,38 +1,31 @@
-"""Shared fixtures: tiny random models (float64, so batched and naive decoding agree exactly)."""
+"""Shared fixtures. Helpers live in tests/helpers/ (a package: `from helpers.models import tiny`).
+
+Tests by speed: tests/unit (in-process, seconds), tests/integration (training, jobs, benchmarks),
+tests/cluster (Ray). `pytest -q` runs all of them (CI); `pytest -m "not slow"` skips everything
+marked slow, which includes every test under tests/cluster.
+"""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from ivg.config import DecodeConfig, GenerationConfig, MethodConfig, Models, ModelSpec
+sys.path.insert(0, str(Path(__file__).parent))  # `helpers` importable from every test folder
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PROMPTS = ["the movie was", "a", "I loved this film so much that I", "Plot: two friends, one dog"]
+from helpers.models import config, rows  # noqa: E402
+from helpers.pipeline import RAY_ENV  # noqa: E402
 
 
-def tiny(name: str, kind: str = "causal_lm", **kw) -> ModelSpec:
-    return ModelSpec(name, kind=kind, dtype="float64", device="cpu", **kw)
-
-
-def tiny_models(explicit: str = "trm", guides: str = "tiny") -> Models:
-    """explicit: trm (token reward model), rm (causal classifier), rm-b (classifier, other tokenizer)."""
-    explicit_spec = {"trm": tiny("tiny:trm", "token_reward"), "rm": tiny("tiny:rm", "classifier"),
-                     "rm-b": tiny("tiny-b:rm", "classifier")}[explicit]
-    return Models(base=tiny("tiny:base", template="Review: {prompt}"),
-                  tuned=tiny(f"{guides}:tuned"), untuned=tiny(f"{guides}:untuned"), explicit=explicit_spec)
-
-
-def config(methods, explicit="trm", guides="tiny", **decode) -> GenerationConfig:
-    decode = {"max_new_tokens": 10, "temperature": 0.8, **decode}
-    return GenerationConfig(models=tiny_models(explicit, guides), decode=DecodeConfig(**decode),
-                            methods=tuple(methods), seed=7)
-
-
-def rows(prompts=PROMPTS):
-    return [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts)]
+def pytest_collection_modifyitems(config, items):
+    cluster = Path(__file__).parent / "cluster"
+    for item in items:
+        if cluster in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -45,6 +38,18 @@ def prompt_rows():
     return rows()
 
 
-def cell(token: str, chunk: str, **kw) -> MethodConfig:
-    shape = {} if chunk == "none" else {"W": 2, "K": 2, "L": 3}
-    return MethodConfig(token=token, chunk=chunk, **{**shape, **kw})
+@pytest.fixture(scope="module")
+def ray_local():
+    """One embedded 2-CPU Ray for a test module (starting Ray costs seconds; share it)."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

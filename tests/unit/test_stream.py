@@ -6,7 +6,7 @@ from ivg.models import load
 from ivg.stream import Stream
 from ivg.values import lm_forward
 
-from conftest import tiny
+from helpers.models import tiny
 
 
 def stream_of(loaded, rows):

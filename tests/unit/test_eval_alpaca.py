@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from alpaca_eval.metrics import get_winrate
 
-import eval_fakes
+from helpers import eval_fakes
 from ivg.eval.alpaca import GlmInputsMissing, length_controlled_winrate, load_annotations, offline_annotations
 
 SHARED = Path("/work/shared/alpaca_eval")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_offline_preference_direction():
@@ -89,6 +89,7 @@ def test_reproduce_lc_function(model, lc, wr, board_wr):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_reproduce_lc_cli(tmp_path):
     for model, lc, wr, board_wr in expected_models():
         out = tmp_path / f"{model}.parquet"

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from conftest import PROMPTS, cell, config, rows
+from helpers.models import PROMPTS, cell, config, rows
 from ivg.config import GUIDANCE, MethodConfig
 from ivg.engine import Engine
 from ivg.reference import naive_search
@@ -161,7 +161,7 @@ def test_template_reaches_base_only():
 def test_chat_template():
     from ivg.models import load, prompt_ids
 
-    from conftest import tiny
+    from helpers.models import tiny
     loaded = load(tiny("tiny:base", template="chat"))
     ids = prompt_ids(loaded, "hi")
     assert loaded.tokenizer.decode(ids) == "<user>hi\n<assistant>"

@@ -17,6 +17,8 @@ from ivg.train import guides as train
 from ivg.train.config import TrainConfig, TrainSettings
 from ivg.train.pairs import accuracy, encode, label_pairs, pair_values, sample_pairs
 
+pytestmark = pytest.mark.slow  # DPO and token RM training
+
 VOWELS = set("aeiouAEIOU")
 PROMPTS = [f"Review {i}: the film" for i in range(24)]
 SETTINGS = TrainSettings(n_prompts=24, pairs_per_prompt=2, max_new_tokens=12, heldout=0.25, beta=0.1,

@@ -1,32 +1,26 @@
-"""Bad input, bad configs, bad models: each is a clear error naming the field, file or row, or a
+"""Bad input, bad configs, bad models (everything caught before Ray starts): each is a clear error naming the field, file or row, or a
 `failed` row with its reason, and never takes its neighbours down. Also the security rules:
 safe YAML, no remote code or pickles unless asked, no output path outside the output directory."""
 
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from transformers import GPT2Config
 
 from ivg.config import ConfigError, ModelSpec
 from ivg.engine import Engine
 from ivg import models
 from ivg.models import load
-from ivg.tiny import tiny_model, tiny_tokenizer
+from ivg.tiny import tiny_tokenizer
 from pipeline.config import load_config
 from pipeline.coordinator import generate
 from pipeline.io import InputError, child_path, cut_shards, read_prompts
-from pipeline_fixtures import SMOKE, ray_local, read_rows, tiny_config, write_prompts  # noqa: F401
-from reliability_helpers import METHODS, content, reference_rows
+from helpers.models import huge_model_folder
+from helpers.pipeline import SMOKE, jsonl, tiny_config, write_prompts
+from helpers.reliability import METHODS, content
 
 LONG = "x" * 2000  # the tiny models' context is 1024 tokens (characters)
-
-
-def jsonl(path, *lines: bytes):
-    path.write_bytes(b"".join(line + b"\n" for line in lines))
-    return path
 
 
 def parquet(path, **columns):
@@ -104,7 +98,7 @@ def test_invalid_utf8_in_a_parquet_binary_column_is_a_failed_row(tmp_path):
 
 
 def test_too_long_prompt_fails_its_row_or_is_cut_from_the_left(tmp_path, make_config):
-    from conftest import cell
+    from helpers.models import cell
 
     config = make_config([cell("implicit", "explicit")])
     rows = [{"id": "a", "prompt": "the movie was"}, {"id": "b", "prompt": "0123456789" + LONG}]
@@ -118,26 +112,6 @@ def test_too_long_prompt_fails_its_row_or_is_cut_from_the_left(tmp_path, make_co
     assert content(cut[0]) == content(failed[0])  # a prompt that fits is untouched
     alone = Engine.local(config).run([{"id": "b", "prompt": rows[1]["prompt"][1004:]}], config.methods[0])[0]
     assert content(cut[1]) == {**content(alone), "truncated": 1004, "prompt": rows[1]["prompt"]}  # = the cut prompt
-
-
-@pytest.mark.timeout(120)
-def test_bad_rows_through_the_pipeline_fail_alone(ray_local, tmp_path):
-    lines = [json.dumps({"id": f"p{i}", "prompt": p, "dataset": "t"}).encode()
-             for i, p in enumerate(["the movie was", None, "", LONG, "Plot: two friends"])]
-    lines.insert(2, b'{"id": "u", "prompt": "na\xefve", "dataset": "t"}')
-    path = jsonl(tmp_path / "p.jsonl", *lines)
-    config = tiny_config(path, tmp_path / "out", METHODS, shard_size=3, search_actors=2)
-    config = type(config)(**{**config.__dict__, "data": type(config.data)(**{**config.data.__dict__, "truncate": "left"})})
-    summary = generate(config)
-    assert (summary.status, summary.failed) == ("finished", 0)
-    rows = {(r["id"], r["method"]): r for r in read_rows(tmp_path / "out")}
-    assert len(rows) == 6 * 2
-    errors = {i: rows[(i, "base")]["error"] for i in ("p1", "u", "p2")}
-    assert errors == {"p1": "prompt is null", "u": "prompt is not valid UTF-8 (byte 2)", "p2": "prompt is empty"}
-    assert all(rows[(i, m)]["status"] == "failed" for i in errors for m in ("base", "tok-implicit+cbs-explicit"))
-    assert rows[("p3", "base")]["truncated"] > 0  # cut, not failed
-    reference = reference_rows(config)  # the good prompts, run alone in-process
-    assert {k: content(r) for k, r in rows.items() if k[0] in ("p0", "p3", "p4")} == reference
 
 
 # ---------------------------------------------------------------- configs
@@ -191,59 +165,12 @@ def test_unknown_model_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_vocabulary_mismatch_for_token_wise_guidance_is_refused(tmp_path):
-    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS)
-    other = {r: ModelSpec(f"tiny-b:{r}", dtype="float64") for r in ("tuned", "untuned")}
-    with pytest.raises(ConfigError, match=r"methods\[1\].token: token-wise implicit guidance needs models.tuned"):
-        generate(type(config)(**{**config.__dict__, "models": type(config.models)(**{**config.models.__dict__, **other})}))
-
-
-def huge_model_folder(folder):
-    """A model whose config asks for ~200 GB of weights: only its config and tokenizer exist."""
-    tok = tiny_tokenizer("tiny")
-    GPT2Config(n_embd=8192, n_layer=64, n_head=64, vocab_size=len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_a_model_that_cannot_fit_in_memory_is_refused_before_loading(tmp_path):
     with pytest.raises(MemoryError, match=r"its weights need \d+\.\d GiB in torch.float32, but cpu has only"):
         load(ModelSpec(str(huge_model_folder(tmp_path / "huge")), device="cpu"))
 
 
-@pytest.mark.timeout(90)
-def test_a_server_that_cannot_load_its_model_fails_the_run_naming_it(ray_local, tmp_path):
-    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS[:1])
-    base = ModelSpec(str(huge_model_folder(tmp_path / "huge")), device="cpu")
-    config = type(config)(**{**config.__dict__, "models": type(config.models)(**{**config.models.__dict__, "base": base})})
-    with pytest.raises(RuntimeError, match=r"model server colocated\[0\] failed to start: MemoryError: .*huge"):
-        generate(config)
-
-
-@pytest.mark.timeout(90)
-def test_resources_no_node_has_fail_the_run_instead_of_waiting_forever(ray_local, tmp_path):
-    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS[:1], start_timeout_s=3,
-                         servers={"colocated": {"num_cpus": 0.5, "num_gpus": 1}})
-    with pytest.raises(RuntimeError, match=r"model server colocated\[0\] did not start within pipeline.start_timeout_s=3s"):
-        generate(config)
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["runs"][-1]["status"] == "error"
-
-
 # ---------------------------------------------------------------- security
-
-def test_pickle_checkpoints_need_allow_pickle_in_the_config(tmp_path):
-    model, tok = tiny_model("tiny:base")
-    folder = tmp_path / "pickled"
-    model.config.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    import torch
-
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    with pytest.raises(OSError, match=r"only pickle checkpoint\(s\) \['pytorch_model.bin'\].*allow_pickle: true"):
-        load(ModelSpec(str(folder), device="cpu"))
-    assert load(ModelSpec(str(folder), device="cpu", allow_pickle=True)).model is not None
-
 
 def test_remote_code_only_when_the_config_sets_it(monkeypatch):
     seen = []

@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ivg.eval.config import GoldSpec
 from ivg.eval.gold import OFFLINE_REPORT, GoldScorer, OfflineSentimentRecipe, ensure_offline_sentiment
-import eval_fakes
+from helpers import eval_fakes
 
 PROMPTS = ["the film was", "the plot", "a", "the acting and story were very"]
 RESPONSES = ["great and moving", "dull", "superb film superb", "terrible"]

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import io
-from pipeline_fixtures import write_prompts
+from helpers.pipeline import write_prompts
 
 PROMPTS = [f"prompt {i}" for i in range(7)]
 

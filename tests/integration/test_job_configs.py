@@ -10,7 +10,7 @@ from ivg.config import from_dict
 from ivg.engine import Engine
 from pipeline.config import Config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml"))
 TINY = {"causal_lm": "tiny:{role}", "token_reward": "tiny:trm", "classifier": "tiny:rm"}
 
 

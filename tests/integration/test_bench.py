@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the smoke benchmark suite
+
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("speedup_vs_naive", "forward_fraction", "chunk_scoring_ratio", "pipeline_vs_engine",
         "batch_scaling", "actor_scaling", "peak_rss_mb")

@@ -1,10 +1,15 @@
 """Bad configs fail at load time with a message naming the field."""
 
+import dataclasses
+
 import pytest
 import yaml
 
-from ivg.config import ConfigError, GenerationConfig, from_dict
+from helpers.pipeline import tiny_config, write_prompts
+from helpers.reliability import METHODS
+from ivg.config import ConfigError, GenerationConfig, ModelSpec, from_dict
 from ivg.engine import Engine
+from pipeline.coordinator import generate
 
 BASE = """
 models:
@@ -77,3 +82,12 @@ def test_vocabulary_mismatch_for_token_wise_guidance_is_refused():
         Engine.local(cfg)
     data["methods"][0].update(token="none", chunk="implicit")  # chunk-level is fine across tokenizers
     Engine.local(from_dict(GenerationConfig, data))
+
+
+def test_the_pipeline_refuses_mismatched_vocabularies_before_anything_starts(tmp_path):
+    """From the tokenizers alone: no Ray, no weights, nothing written."""
+    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS)
+    other = {r: ModelSpec(f"tiny-b:{r}", dtype="float64") for r in ("tuned", "untuned")}
+    with pytest.raises(ConfigError, match=r"methods\[1\].token: token-wise implicit guidance needs models.tuned"):
+        generate(dataclasses.replace(config, models=dataclasses.replace(config.models, **other)))
+    assert not (tmp_path / "out").exists()

@@ -10,8 +10,8 @@ import ray
 from pipeline import coordinator
 from pipeline.coordinator import generate
 from pipeline.remote import RemoteRoles, ServerRef
-from pipeline_fixtures import ray_local, read_rows, tiny_config, write_prompts  # noqa: F401
-from reliability_helpers import METHODS, content, exactly_once, reference_rows
+from helpers.pipeline import read_rows, tiny_config, write_prompts
+from helpers.reliability import METHODS, content, exactly_once, reference_rows
 
 N = 8
 IDS = [f"p{i}" for i in range(N)]

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-import eval_fakes
+from helpers import eval_fakes
 from ivg.config import from_dict
 from ivg.eval.config import GoldSpec
 from ivg.eval.config import AlpacaConfig, EvalConfig
 from ivg.eval.summary import summarize, t_interval
 from pipeline.evaluate import evaluate_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class CountingScorer:
@@ -122,6 +122,7 @@ def test_eval_config_validation_names_field():
     assert cfg.gold.kind == "scalar" and cfg.alpaca.glm_inputs == "/g"
 
 
+@pytest.mark.slow
 def test_cli_run_mode(tmp_path):
     run = eval_fakes.write_run(tmp_path / "run", eval_fakes.generate_rows(n=4, failed=1))
     (tmp_path / "c.yaml").write_text("eval:\n  gold: {name: vader, kind: vader, format: '{response}'}\n")

@@ -11,7 +11,9 @@ import yaml
 
 from ivg.tiny import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocess jobs with Ray, guide training
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def folder(name: str, path: Path, kind: str = "causal_lm") -> str:

@@ -6,7 +6,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from ivg.config import ConfigError, GUIDANCE
 from pipeline.config import load_config
-from pipeline_fixtures import ROOT, SMOKE
+from helpers.pipeline import ROOT, SMOKE
 
 
 def test_smoke_config_runs_every_cell_of_the_grid():

@@ -5,7 +5,7 @@ import asyncio
 
 import torch
 
-from conftest import cell, config
+from helpers.models import cell, config
 from ivg.models import load
 from ivg.stream import Stream
 from ivg.values import lm_forward

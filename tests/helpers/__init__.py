@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny models and configs, pipeline fixtures, fake evaluation data, clusters."""
