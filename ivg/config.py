@@ -8,6 +8,7 @@ plain YAML data and rejects unknown keys (a typo is an error, not a silently ign
 import dataclasses
 import math
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ GUIDANCE = ("none", "implicit", "explicit")
 MODEL_KINDS = ("causal_lm", "token_reward", "classifier")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 TRUNCATE = ("fail", "left")  # a prompt longer than the context: fail its row, or cut its start
+# What Parquet and torch store: every integer fits in int64; W, K, L and token counts are int32 columns.
+INT64 = (-2**63, 2**63 - 1)
+INT32_MAX = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -25,6 +29,29 @@ class ConfigError(ValueError):
 def check(ok: bool, where: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{where}: {msg}")
+
+
+def check_int32(value: int | None, where: str) -> None:
+    check(value is None or value <= INT32_MAX, where, f"{value} is too large: it is stored as int32 (<= {INT32_MAX})")
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` is not a format string whose only placeholder is {prompt} (None if it is).
+    The prompt is inserted with str.format, so braces inside a prompt stay literal; braces in the
+    template itself are literal only when doubled."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as e:  # a lone "{" or "}"
+        return f"{template!r} is not a format string ({e}); write a literal brace as {{{{ or }}}}"
+    others = sorted({"{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                     for name, spec, conv in fields if (name, spec, conv) != ("prompt", "", None)})
+    if others:
+        return (f"{template!r} has placeholder(s) {others}; the only placeholder is {{prompt}} "
+                "(write a literal brace as {{ or }})")
+    if not fields:
+        return f"{template!r} does not contain {{prompt}}"
+    return None
 
 
 def plain_name(name: str) -> bool:
@@ -51,8 +78,8 @@ class ModelSpec:
         check(bool(self.name), f"{where}.name", "must name a model")
         check(self.kind in MODEL_KINDS, f"{where}.kind", f"{self.kind!r} is not one of {MODEL_KINDS}")
         check(self.dtype in DTYPES, f"{where}.dtype", f"{self.dtype!r} is not one of {DTYPES}")
-        check(self.template in (None, "chat") or "{prompt}" in self.template, f"{where}.template",
-              "must be null, 'chat', or a format string containing {prompt}")
+        problem = None if self.template in (None, "chat") else template_problem(self.template)
+        check(problem is None, f"{where}.template", f"must be null, 'chat', or a format string with {{prompt}}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +113,8 @@ class DecodeConfig:
 
     def validate(self, where: str = "decode") -> None:
         check(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1")
+        check_int32(self.max_new_tokens, f"{where}.max_new_tokens")
+        check_int32(self.top_k, f"{where}.top_k")
         check(self.temperature >= 0, f"{where}.temperature", "must be >= 0 (0 means greedy)")
         check(self.top_k >= 0, f"{where}.top_k", "must be >= 0 (0 turns it off)")
         check(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]")
@@ -120,6 +149,9 @@ class MethodConfig:
         check(self.W >= 1, f"{where}.W", "must be >= 1")
         check(self.K >= 1, f"{where}.K", "must be >= 1")
         check(self.L is None or self.L >= 1, f"{where}.L", "must be >= 1 (or null for whole responses)")
+        for name in ("W", "K", "L"):
+            check_int32(getattr(self, name), f"{where}.{name}")
+        check_int32(self.W * self.K, f"{where}.W*K")  # rows of one prompt's search
         check(self.chunk != "none" or self.W * self.K == 1, f"{where}.chunk",
               "W*K > 1 needs a chunk-level scorer to choose between beams (set chunk: implicit|explicit)")
         for g in (self.token, self.chunk):
@@ -191,13 +223,17 @@ def _convert(tp, value, where: str):
         return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         check(isinstance(value, dict), where, f"expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        key_type, value_type = args or (typing.Any, typing.Any)
+        return {_convert(key_type, k, f"{where}"): _convert(value_type, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
         check(isinstance(value, (int, float)) and not isinstance(value, bool), where,
               f"expected a number, got {value!r}")
+        check(math.isfinite(value), where, f"must be a finite number, got {value!r}")
         return float(value)
     if tp in (int, str, bool):
         check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)), where,
               f"expected {tp.__name__}, got {value!r}")
+        check(tp is not int or INT64[0] <= value <= INT64[1], where,
+              f"{value} is out of range: integers are stored as int64 ({INT64[0]} .. {INT64[1]})")
         return value
     return value

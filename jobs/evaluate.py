@@ -34,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--config", help="YAML with an eval: section (run mode)")
     ap.add_argument("--glm-inputs", help="folder with df_gamed.csv, instruction_difficulty.csv (else the HF cache)")
     ap.add_argument("--out", help="Parquet file for the metrics (annotations mode)")
+    ap.add_argument("--partial", action="store_true",
+                    help="evaluate a run whose generation is unfinished; every summary row says partial")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -55,7 +57,7 @@ def main(argv=None):
         return 2
     if args.glm_inputs and cfg.alpaca:
         cfg = dataclasses.replace(cfg, alpaca=dataclasses.replace(cfg.alpaca, glm_inputs=args.glm_inputs))
-    summary = evaluate_run(args.run, cfg)
+    summary = evaluate_run(args.run, cfg, partial=args.partial)
     rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
             for r in summary.to_dict(orient="records")]
     print(json.dumps(rows, default=str))

@@ -11,13 +11,14 @@ directory can refuse to mix rows made by two different configs.
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ivg.config import TRUNCATE, ConfigError, DecodeConfig, GenerationConfig, MethodConfig, Models, ModelSpec, check, \
-    from_dict, plain_name
+    check_int32, from_dict, plain_name
 from ivg.eval.config import EvalConfig
 from ivg.train.config import ProbeConfig, TrainConfig
 from pipeline.io import OUTPUT_SCHEMA
@@ -60,6 +61,11 @@ class DataConfig:
         check(self.limit is None or self.limit >= 1, f"{where}.limit", "must be >= 1 (or null for all)")
         check(self.read_batch_rows >= 1, f"{where}.read_batch_rows", "must be >= 1")
         check(self.truncate in TRUNCATE, f"{where}.truncate", f"{self.truncate!r} is not one of {TRUNCATE}")
+        twice = sorted({c for c in self.columns if self.columns.count(c) > 1})
+        check(not twice, f"{where}.columns", f"{twice} listed more than once; name each carried column once")
+        read = sorted(set(self.columns) & {self.id_column, self.prompt_column})
+        check(not read, f"{where}.columns", f"{read} is already read as the id or the prompt (data.id_column, "
+                                            "data.prompt_column); carry other columns")
         clash = sorted(set(self.columns) & set(OUTPUT_SCHEMA.names))
         check(not clash, f"{where}.columns", f"{clash} would overwrite output columns; rename them")
 
@@ -75,10 +81,30 @@ class ServerSpec:
     torch_threads: int = 1  # intra-op threads; keep cpus * threads <= cores
 
     def validate(self, where: str) -> None:
-        check(self.num_cpus >= 0, f"{where}.num_cpus", "must be >= 0")
-        check(self.num_gpus >= 0, f"{where}.num_gpus", "must be >= 0")
+        check_quantity(self.num_cpus, f"{where}.num_cpus")
+        check_quantity(self.num_gpus, f"{where}.num_gpus")
+        check(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus), f"{where}.num_gpus",
+              f"{self.num_gpus:g}: more than one GPU must be a whole number (Ray's rule)")
+        for name, quantity in self.resources.items():
+            check(name not in ("CPU", "GPU"), f"{where}.resources.{name}", "use num_cpus / num_gpus instead")
+            check(name not in RAY_RESERVED, f"{where}.resources", f"{name!r} is not a custom resource name")
+            check_quantity(quantity, f"{where}.resources.{name}")
         check(self.replicas >= 1, f"{where}.replicas", "must be >= 1")
         check(self.torch_threads >= 1, f"{where}.torch_threads", "must be >= 1")
+
+    def demand(self) -> dict[str, float]:
+        """What one replica asks Ray for, as node resources ({CPU, GPU, custom...})."""
+        need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {k: v for k, v in need.items() if v > 0}
+
+
+RAY_RESERVED = ("", "memory", "object_store_memory")  # names Ray keeps for itself
+
+
+def check_quantity(value: float, where: str) -> None:
+    """A Ray resource quantity: a finite number >= 0, in steps of 0.0001 (Ray's resolution)."""
+    check(math.isfinite(value) and value >= 0, where, f"must be a finite number >= 0, got {value:g}")
+    check(value == 0 or int(value * 10_000) >= 1, where, f"{value:g} is finer than Ray's resolution of 0.0001")
 
 
 @dataclass(frozen=True)
@@ -120,6 +146,8 @@ class PipelineConfig:
         check(self.search_actors >= 1, f"{where}.search_actors", "must be >= 1")
         check(self.search_cpus > 0, f"{where}.search_cpus", "must be > 0 (fractional is fine)")
         check(self.shard_size >= 1, f"{where}.shard_size", "must be >= 1")
+        check_int32(self.shard_size, f"{where}.shard_size")
+        check_quantity(self.search_cpus, f"{where}.search_cpus")
         check(self.max_in_flight is None or self.max_in_flight >= 1, f"{where}.max_in_flight", "must be >= 1")
         for name in ("max_restarts", "max_task_retries", "shard_retries"):
             check(getattr(self, name) >= -1, f"{where}.{name}", "must be >= 0 (or -1: unlimited)")
@@ -229,15 +257,83 @@ class Config:
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
+MAX_CONFIG_BYTES = 1 << 24  # 16 MiB: far beyond any config, far below what could hurt
+MAX_CONFIG_VALUES = 100_000  # scalars, lists and mappings once YAML aliases are expanded
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """safe_load's loader (a config is data: tags that build Python objects are refused) that also
+    refuses a key given twice in one mapping (YAML would keep the last one silently), and a document
+    whose aliases expand it beyond MAX_CONFIG_VALUES (an alias bomb: a few lines that every later
+    step, from_dict to json.dumps, would expand exponentially). Anchors and merge keys stay usable."""
+
+    path = "config"
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            size = expanded_size(node, {}, self.path)
+            check(size <= MAX_CONFIG_VALUES, f"{self.path}: line {node.start_mark.line + 1}",
+                  f"the config expands to more than {MAX_CONFIG_VALUES} values (YAML aliases?); write it out plainly")
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    earlier = first.setdefault(key, line)
+                except TypeError:  # an unhashable key: safe_load's own error says so
+                    continue
+                check(earlier == line, f"{self.path}: line {line}",
+                      f"duplicate key {key!r} (first on line {earlier}); YAML would keep only the last one")
+        return super().construct_mapping(node, deep)
+
+
+def expanded_size(node, memo: dict, path: str) -> int:
+    """Values in the document once every alias is expanded, counted on the composed graph (where an
+    alias is one shared node) without expanding it; `memo` maps a node to its size."""
+    if id(node) in memo:
+        check(memo[id(node)] is not None, f"{path}: line {node.start_mark.line + 1}", "an alias refers to itself")
+        return memo[id(node)]
+    memo[id(node)] = None  # in progress: meeting it again means a recursive alias
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(expanded_size(c, memo, path) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(expanded_size(k, memo, path) + expanded_size(v, memo, path) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size = min(size, MAX_CONFIG_VALUES + 1)  # the sums stay small numbers
+    return size
+
+
 def read_yaml(path: str | Path) -> dict:
-    """A config file as plain data. safe_load: a config is data, and YAML tags that build Python objects
-    are refused."""
+    """A config file as plain data (see ConfigLoader); every problem is a ConfigError naming the file."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        size = Path(path).stat().st_size
+        check(size <= MAX_CONFIG_BYTES, str(path), f"{size} bytes is not a config (limit {MAX_CONFIG_BYTES})")
+        loader = ConfigLoader(Path(path).read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
-    except yaml.YAMLError as e:  # its message gives the line and column
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    loader.path = str(path)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:  # one line: what is wrong, and where
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(filter(None, (e.context, e.problem)))}{at}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
     check(isinstance(data, dict), str(path), "the config must be a mapping")
     return data
 

@@ -6,10 +6,16 @@
      each to the least loaded search actor; every shard runs all methods, sharing the servers;
   4. check each result holds every (prompt, method) exactly once, write it atomically, record its
      rows and sha256 in the manifest, print progress; a shard that raised is retried, then marked failed.
-Runs in the driver (`jobs/generate.py`). A driver killed at any moment loses only the shards in
+Runs in the driver (`jobs/generate.py`), one driver per output directory (DIR/.lock; a second one is
+refused, the lock of a killed one taken over). A driver killed at any moment loses only the shards in
 flight: a rerun into the same directory skips every shard whose file matches the manifest (or, if the
 driver died between writing a file and recording it, whose rows check out), and redoes the rest,
-including truncated or corrupt files (moved to DIR/corrupt/ for a look).
+including truncated or corrupt files and foreign entries of shards/ (moved to DIR/corrupt/ for a look)
+and the shards of input rows edited since (moved to DIR/stale/; the manifest says which rows changed).
+
+Nodes die: Ray restarts the actors they held wherever the resources are (max_restarts) and the shards
+they were on run again. If no live node offers what an actor needs for pipeline.start_timeout_s (the
+node never came back), the run fails with one line naming the resource; finished shards are kept.
 """
 
 import math
@@ -29,7 +35,9 @@ from ivg.engine import check_vocabularies, needed_roles
 from ivg.models import load_tokenizer
 from pipeline.config import Config
 from ivg.files import remove_stale_temps, sha256_file, write_text
-from pipeline.io import Manifest, Shard, child_path, count_prompts, cut_shards, read_prompts, write_parquet_atomic
+from pipeline.capacity import check_capacity
+from pipeline.io import Manifest, RunLock, Shard, child_path, count_prompts, cut_shards, read_prompts, row_identity, \
+    set_aside, shard_entries, shard_rows, write_parquet_atomic
 from pipeline.remote import ServerRef
 from pipeline.search_actor import SearchActor, ShardResult
 from pipeline.servers import ModelServer
@@ -124,9 +132,30 @@ def generate(config: Config, log=print) -> RunSummary:
     if config.run.output is None:
         raise ConfigError("run.output: needs an output directory (or --output DIR)")
     out = Path(config.run.output)
-    # models and input are checked first, from tokenizers and the file's schema alone: a bad config
-    # or input fails in seconds, before any actor loads weights and before anything is written
+    # models, input and search shape are checked first, from tokenizers, model configs and the file's
+    # schema alone: a bad config or input fails in seconds, before any actor loads weights and before
+    # anything is written
     check_vocabularies(config.generation, tokenizers(config))
+    check_capacity(config, ray.nodes(), input_prompts(config))
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    stale = lock.acquire()  # a second driver stops here, before touching anything
+    try:
+        if stale:
+            log(f"[generate] {out}: took over the lock of a driver that is gone (pid {stale.get('pid')} on "
+                f"{stale.get('host')}, since {stale.get('started')})", file=sys.stderr)
+        return run_in(out, config, log)
+    finally:
+        lock.release()
+
+
+def input_prompts(config: Config) -> int | None:
+    d = config.data
+    n = count_prompts(d.path, d.source)
+    return min(n, d.limit) if n is not None and d.limit else n
+
+
+def run_in(out: Path, config: Config, log) -> RunSummary:
     (out / "shards").mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(out / "manifest.json", config.resolved(), config.fingerprint())
     scheduler = Scheduler(config, manifest, out, log)
@@ -143,10 +172,35 @@ def generate(config: Config, log=print) -> RunSummary:
         raise
     finally:
         placement = scheduler.cluster.placement if scheduler.cluster else None
-        manifest.end_run(status, placement=placement, servers=stats)
+        manifest.end_run(status, placement=placement, servers=stats, replaced=scheduler.replaced)
         if scheduler.cluster:
             stop_cluster(scheduler.cluster)
     return RunSummary(out, status, counts["done"], counts["skipped"], counts["failed"], placement, stats)
+
+
+def shortfall(config: Config, placement: str, nodes: list[dict]) -> str | None:
+    """What the run's actors need and the live nodes (ray.nodes()) do not offer in total, custom
+    resources first, e.g. "base_gpu: 1 needed (pipeline.servers.base.resources.base_gpu), live nodes
+    offer 0"; None if they offer everything."""
+    p = config.pipeline
+    wants = []  # (resource, amount, the field that asks for it)
+    for name in ["colocated"] if placement == "colocated" else needed_roles(config.generation):
+        spec = getattr(p.servers, name)
+        for resource, amount in spec.demand().items():
+            field = {"CPU": "num_cpus", "GPU": "num_gpus"}.get(resource, f"resources.{resource}")
+            wants.append((resource, amount * spec.replicas, f"pipeline.servers.{name}.{field}"))
+    wants.append(("CPU", p.search_actors * p.search_cpus, "pipeline.search_cpus"))
+    have, need = Counter(), Counter()
+    for n in nodes:
+        if n.get("Alive"):
+            have.update(n["Resources"])
+    for resource, amount, _ in wants:
+        need[resource] += amount
+    short = [r for r in sorted(need, key=lambda r: (r in ("CPU", "GPU"), r)) if have[r] + 1e-9 < need[r]]
+    if not short:
+        return None
+    return "; ".join(f"{r}: {need[r]:g} needed ({', '.join(f for res, _, f in wants if res == r)}), live nodes "
+                     f"offer {have[r]:g}" for r in short)
 
 
 class Scheduler:
@@ -166,18 +220,28 @@ class Scheduler:
         self.load = [0] * config.pipeline.search_actors  # shards in flight per search actor
         self.counts = Counter(done=0, skipped=0, failed=0, prompts=0)
         self.start = time.perf_counter()
+        # what shards/ holds: foreign entries go to corrupt/ now, files of edited rows to stale/ as
+        # the shards that replace them are cut
+        self.on_disk, foreign = shard_entries(out / "shards", out / "corrupt")
+        for name in foreign:
+            log(f"[generate] shards/{name}: not a shard file of this run (symlink, folder or other name); "
+                "moved to corrupt/", file=sys.stderr)
+        self.replaced: dict[str, dict] = {}  # new shard id -> {was: old shard id, changed_ids}
+        self.short_since: float | None = None  # since when live nodes lack what the actors need
 
     def run(self) -> Counter:
-        d = self.config.data
-        n = count_prompts(d.path, d.source)
-        n = min(n, d.limit) if n is not None and d.limit else n
+        n = input_prompts(self.config)
         self.total = math.ceil(n / self.config.pipeline.shard_size) if n is not None else None
         while True:
             while len(self.in_flight) < self.config.pipeline.in_flight and (item := self.next_shard()):
                 self.submit(*item)
             if not self.in_flight:
                 return self.counts
-            [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=self.poll_s)
+            if not ready:
+                self.watch()
+                continue
+            [ref] = ready
             shard, actor, attempt = self.in_flight.pop(ref)
             self.load[actor] -= 1
             try:
@@ -187,10 +251,31 @@ class Scheduler:
             else:
                 self.finished(shard, result, attempt)
 
+    @property
+    def poll_s(self) -> float:
+        return min(2.0, self.config.pipeline.start_timeout_s / 4)
+
+    def watch(self) -> None:
+        """Between results: fail the run once the live nodes have lacked what its actors need for
+        start_timeout_s (a dead node that never came back); Ray restarts the actors when they do not."""
+        if self.cluster is None:
+            return
+        missing = shortfall(self.config, self.cluster.placement, ray.nodes())
+        if missing is None:
+            self.short_since = None
+            return
+        self.short_since = self.short_since or time.monotonic()
+        waited = time.monotonic() - self.short_since
+        if waited > self.config.pipeline.start_timeout_s:
+            raise RuntimeError(f"a node was lost and has not come back: {missing}, for {waited:.0f}s "
+                               f"(pipeline.start_timeout_s={self.config.pipeline.start_timeout_s:g}); finished "
+                               "shards are kept, a rerun computes the rest")
+
     def next_shard(self) -> tuple[Shard, int] | None:
         if self.retry:
             return self.retry.popleft()
         for shard in self.shards:
+            self.replace_stale(shard)
             path = self.path(shard)
             if path.exists():
                 problem = self.verify(shard, path)
@@ -198,12 +283,39 @@ class Scheduler:
                     self.counts["skipped"] += 1
                     self.manifest.shard(shard.id, index=shard.index, state="done", prompts=len(shard.rows))
                     continue
-                aside = self.out / "corrupt"  # kept for a look, outside shards/ where readers glob
-                aside.mkdir(exist_ok=True)
-                path.replace(child_path(aside, path.name))
+                set_aside(path, self.out / "corrupt")  # kept for a look, outside shards/ where readers glob
                 self.log(f"[generate] shard {shard.id}: {problem}; computing it again", file=sys.stderr)
             return shard, 1
+        for index in sorted(self.on_disk):  # the input ended: files of shards it no longer has
+            for name in self.on_disk.pop(index):
+                self.set_stale(name, None, None)
         return None
+
+    def replace_stale(self, shard: Shard) -> None:
+        """Files of this shard's index under another id hold rows of an earlier input: move them to
+        stale/ and record which rows changed."""
+        for name in self.on_disk.pop(shard.index, []):
+            if name == f"{shard.id}.parquet":
+                continue
+            old = shard_rows(self.out / "shards" / name, self.config.data.columns)
+            new = {r["id"]: row_identity(r) for r in shard.rows}
+            changed = None if old is None else sorted(i for i in old.keys() | new.keys() if old.get(i) != new.get(i))
+            self.set_stale(name, shard.id, changed)
+
+    def set_stale(self, name: str, by: str | None, changed: list[str] | None) -> None:
+        old_id = name.removesuffix(".parquet")
+        set_aside(self.out / "shards" / name, self.out / "stale")
+        self.manifest.shard(old_id, state="replaced", replaced_by=by)
+        if by is not None:
+            self.replaced[by] = {"was": old_id, "changed_ids": changed}
+            self.manifest.shard(by, replaces=old_id, changed_ids=changed)
+        if by is None:
+            what = "its rows are no longer in the input"
+        elif changed is None:
+            what = f"its input rows changed; computed again as {by}"
+        else:
+            what = f"input rows {changed[:5]}{' ...' if len(changed) > 5 else ''} changed; computed again as {by}"
+        self.log(f"[generate] shard {old_id}: {what}; its old file is in stale/", file=sys.stderr)
 
     def verify(self, shard: Shard, path: Path) -> str | None:
         """Why the file at `path` is not this shard's complete output (None if it is). Its sha256 is

@@ -10,6 +10,9 @@ Layout of a run dir (inputs from generate, the rest written here):
 Re-running is idempotent: the files are rewritten whole (atomically), and scores already in
 samples.parquet are reused for rows with the same (id, method) and response, so only new rows are scored.
 Failed rows (status=failed) are kept and counted, never scored, and left out of every mean.
+A run whose generation is unfinished (its manifest's last run did not finish, or a shard is not done)
+is refused: its summary would silently cover only the shards present. With `partial=True` it is
+evaluated anyway and every summary row says `partial: true` (the column is false otherwise).
 Scorers are plain callables `(prompts, responses) -> scores`: the Ray pipeline may pass actor-backed ones.
 """
 
@@ -36,10 +39,15 @@ KEY = ["id", "method"]
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(run_dir, cfg: EvalConfig, scorer: Scorer | None = None, judge: Scorer | None = None) -> pd.DataFrame:
+def evaluate_run(run_dir, cfg: EvalConfig, scorer: Scorer | None = None, judge: Scorer | None = None,
+                 partial: bool = False) -> pd.DataFrame:
     """Evaluate DIR in place; returns the summary. `scorer`/`judge` default to GoldScorers built from cfg."""
     run_dir = Path(run_dir)
     out_dir = run_dir / cfg.evaluated_dir
+    unfinished = unfinished_generation(run_dir)
+    if unfinished and not partial:
+        raise ValueError(f"{run_dir}: generation is unfinished ({unfinished}); finish it (run jobs.generate into it "
+                         "again) or evaluate with --partial, which labels every summary row partial")
     rows = read_shards(run_dir)
     prev = pd.read_parquet(out_dir / "samples.parquet") if (out_dir / "samples.parquet").exists() else None
     ok = rows["status"] == "ok"
@@ -53,12 +61,30 @@ def evaluate_run(run_dir, cfg: EvalConfig, scorer: Scorer | None = None, judge: 
         lc = _alpaca(rows, prev, cfg, ok, scorer, judge, out_dir / "annotations")
 
     summary = summarize(rows, lc)
+    summary["partial"] = unfinished is not None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval_config.json").write_text(json.dumps(asdict(cfg), indent=2))  # what made these numbers
     _write_parquet(rows, out_dir / "samples.parquet")
     _write_parquet(summary, run_dir / cfg.summary)
-    write_report(summary, run_dir / cfg.report, run_dir / cfg.plot, title=f"Evaluation of {run_dir.name}")
+    title = f"Evaluation of {run_dir.name}" + (f" (PARTIAL: generation unfinished, {unfinished})" if unfinished else "")
+    write_report(summary, run_dir / cfg.report, run_dir / cfg.plot, title=title)
     return summary
+
+
+def unfinished_generation(run_dir: Path) -> str | None:
+    """Why the generate run in DIR is not complete, from its manifest; None if it is, or if DIR has no
+    manifest (rows that did not come from jobs.generate: nothing says what complete would be)."""
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    runs = manifest.get("runs") or [{"status": None}]
+    if runs[-1]["status"] != "finished":
+        return f"its last generate run is {runs[-1]['status']!r}, not 'finished'"
+    pending = sorted(k for k, s in manifest.get("shards", {}).items() if s.get("state") not in ("done", "replaced"))
+    if pending:
+        return f"{len(pending)} shard(s) not done, e.g. {pending[0]}"
+    return None
 
 
 def read_shards(run_dir: Path) -> pd.DataFrame:

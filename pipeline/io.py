@@ -3,12 +3,16 @@
 Output layout of a run directory:
   DIR/config.yaml               the resolved config
   DIR/manifest.json             config, fingerprint, versions, git revision, runs, shard states
+  DIR/.lock                     held (flock) by the driver writing DIR; names it, for the error of a second one
   DIR/shards/<shard-id>.parquet one file per shard: every method's row for each of its prompts
-  DIR/corrupt/<shard-id>.parquet shard files a rerun found truncated or corrupt (and computed again)
+  DIR/corrupt/<name>            entries a rerun found in shards/ truncated, corrupt or foreign (symlinks,
+                                folders, other names): moved here, never followed, and computed again
+  DIR/stale/<shard-id>.parquet  shards of input rows that were edited since: replaced by their new shard
 A shard file appears only complete (written to a temp name in the same folder, then renamed), and
 the manifest records its row count and sha256; a rerun skips a shard whose file matches them, and
-redoes one that is truncated or corrupt. A shard's file name is derived from its index and a hash of
-its ids, never from user input, and is checked to stay inside the output directory.
+redoes one that is truncated or corrupt. A shard's id is its index and a hash of its input rows (ids,
+prompts, carried columns), so an input edited in place changes the ids of exactly the shards whose
+rows changed; the file name is derived from that id, never from user input, and stays inside DIR.
 
 Input rows are checked as they are read. A fault of the whole input (missing or mistyped column,
 unreadable or empty file, null or duplicate id) is an `InputError` naming the column or row; a fault
@@ -16,8 +20,13 @@ of one prompt (null, empty, invalid UTF-8) travels with its row as `error` and b
 output row, so its neighbours still run. Rows count from 0 in input order.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
+import re
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,7 +159,7 @@ def _sniff(path: str) -> str:
 @dataclass(frozen=True)
 class Shard:
     index: int  # position in the input
-    id: str  # "<index>-<hash of the ids>": the same prompts give the same id on every rerun
+    id: str  # "<index>-<hash of its rows>": the same rows give the same id on every rerun
     rows: tuple[dict, ...]  # [n] {id, prompt, *carried columns, error: why this prompt cannot run, or None}
 
 
@@ -211,9 +220,19 @@ def check_prompt(row: dict) -> dict:
     return {**row, "error": error}
 
 
+SHARD_FILE = re.compile(r"(\d{6,})-[0-9a-f]{12}\.parquet")  # what make_shard names; anything else is foreign
+
+
 def make_shard(index: int, rows: list[dict]) -> Shard:
-    digest = hashlib.sha256("\x00".join(r["id"] for r in rows).encode()).hexdigest()[:12]
+    """The id hashes everything of a row that reaches its output (id, prompt, carried columns), so an
+    edited prompt makes another shard, not a reused one."""
+    digest = hashlib.sha256(json.dumps([row_identity(r) for r in rows], default=repr).encode()).hexdigest()[:12]
     return Shard(index, f"{index:06d}-{digest}", tuple(rows))
+
+
+def row_identity(row: dict) -> list:
+    """[id, prompt, [column, value]...]: an input row as its shard id sees it (`error` follows from it)."""
+    return [row["id"], row["prompt"], sorted([k, v] for k, v in row.items() if k not in ("id", "prompt", "error"))]
 
 
 # ---------------------------------------------------------------- writing rows
@@ -237,11 +256,106 @@ def write_parquet_atomic(table: pa.Table, path: Path, metadata: dict[str, str] |
 
 
 def child_path(folder: Path, name: str) -> Path:
-    """folder/name, refusing a name that would land anywhere else (separators, `..`, absolute)."""
+    """folder/name, refusing a name that would land anywhere else (separators, `..`, absolute). What
+    is at that path (maybe a symlink) is not resolved: callers look at the entry itself."""
     path = folder / name
-    if Path(name).name != name or name in ("", ".", "..") or path.resolve().parent != folder.resolve():
+    if Path(name).name != name or name in ("", ".", "..") or path.parent.resolve() != folder.resolve():
         raise ValueError(f"{name!r} is not a plain file name inside {folder}")
     return path
+
+
+def set_aside(path: Path, folder: Path) -> Path:
+    """Move the entry `path` (a file, a folder, a symlink: never followed) into `folder` under a free
+    name; returns where it went. A rename within the run directory: nothing is copied or read."""
+    folder.mkdir(exist_ok=True)
+    target, n = child_path(folder, path.name), 0
+    while target.is_symlink() or target.exists():
+        n += 1
+        target = child_path(folder, f"{path.name}.{n}")
+    os.rename(path, target)  # renames a symlink itself, not what it points to
+    return target
+
+
+def shard_entries(folder: Path, aside: Path) -> tuple[dict[int, list[str]], list[str]]:
+    """Shard files in `folder` by index, after moving every foreign entry (symlink, folder, fifo,
+    a name make_shard never writes) into `aside`; returns (index -> file names, names set aside).
+    Temp files of an interrupted write are left to remove_stale_temps."""
+    by_index, foreign = {}, []
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            ours = SHARD_FILE.fullmatch(entry.name)
+            link, regular = entry.is_symlink(), entry.is_file(follow_symlinks=False)
+            if regular and ours:
+                by_index.setdefault(int(ours.group(1)), []).append(entry.name)
+            elif ".tmp-" in entry.name and not link and (regular or entry.is_dir(follow_symlinks=False)):
+                continue
+            else:
+                set_aside(Path(entry.path), aside)
+                foreign.append(entry.name)
+    return by_index, foreign
+
+
+def shard_rows(path: Path, columns=()) -> dict[str, list] | None:
+    """id -> row_identity of a shard file's input rows (read from its first method's rows); None if
+    it cannot be read. Tells which rows of an edited input changed."""
+    try:
+        table = pq.read_table(path, columns=["id", "prompt", "method", *columns])
+    except (OSError, pa.ArrowException):
+        return None
+    rows = table.to_pylist()
+    first = rows[0]["method"] if rows else None
+    return {r["id"]: row_identity({k: v for k, v in r.items() if k != "method"}) for r in rows if r["method"] == first}
+
+
+# ---------------------------------------------------------------- one driver per output directory
+
+class OutputInUse(RuntimeError):
+    """Another driver is writing this output directory."""
+
+
+class RunLock:
+    """DIR/.lock, held with flock(2) while a driver writes DIR. The kernel drops an flock when its
+    holder dies, however it dies (SIGKILL included), so a lock that can be taken is never held by a
+    live driver: a lock file that still names a holder was left by a driver that was killed, and is
+    taken over. (flock works across hosts on NFS, where Linux maps it to byte-range locks.) The file
+    is emptied, never removed, on release: removing it would let two drivers lock two different files."""
+
+    def __init__(self, folder: Path):
+        self.path, self.fd = folder / ".lock", None
+
+    def acquire(self) -> dict | None:
+        """Lock, or raise OutputInUse naming the holder; returns the dead holder's record if taken over."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = self.holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}" if holder else \
+                "a driver that has not written its name yet"
+            raise OutputInUse(f"{self.path.parent}: another driver is writing it ({who}); wait for it to end, "
+                              "or use another output directory") from None
+        stale = self.holder(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now()}).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return stale
+
+    @staticmethod
+    def holder(fd: int) -> dict | None:
+        try:
+            return json.loads(os.pread(fd, 4096, 0) or b"null")
+        except ValueError:  # half-written by a driver killed in the middle of acquire
+            return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
 
 # ---------------------------------------------------------------- manifest
