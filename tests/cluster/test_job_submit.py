@@ -8,42 +8,28 @@ with RAY_AUTH_MODE=disabled here (or both with RAY_AUTH_MODE=token).
 """
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from helpers.cluster import free_ports, processes_of, stop_cluster
-from helpers.pipeline import RAY_ENV, ROOT
+from helpers.cluster import LoopbackCluster, NodeSpec, processes_of
+from helpers.pipeline import ROOT
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture
 def head_node():
-    """`ray start --head` on loopback with its own temp dir and ports; yields the dashboard address."""
-    temp_dir = tempfile.mkdtemp(prefix="ivgray-", dir="/tmp")  # short: Ray's socket paths have a limit
-    gcs, dash, client, agent, agent_grpc, env_agent, metrics, node, obj = free_ports(9)
-    env = {**os.environ, **RAY_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-           f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-           f"--node-manager-port={node}", f"--object-manager-port={obj}", "--disable-usage-stats"]
-    try:
-        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield f"http://127.0.0.1:{dash}", env, temp_dir
-    finally:
-        stop_cluster(temp_dir)
-    assert not processes_of(temp_dir)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    """`ray start --head` on loopback with its own temp dir and ports (helpers.cluster: the same
+    cluster as the multi-node tests, with no workers); yields the dashboard address."""
+    cluster = LoopbackCluster([NodeSpec("h", num_cpus=2)])
+    with cluster:
+        yield cluster.dashboard_url, cluster.env, cluster.root
+    assert not processes_of(cluster.root)
 
 
 def test_ray_job_submit_runs_the_smoke_config(head_node, tmp_path):
