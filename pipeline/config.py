@@ -272,9 +272,12 @@ class ConfigLoader(yaml.SafeLoader):
     def get_single_node(self):
         node = super().get_single_node()
         if node is not None:
-            size = expanded_size(node, {}, self.path)
-            check(size <= MAX_CONFIG_VALUES, f"{self.path}: line {node.start_mark.line + 1}",
-                  f"the config expands to more than {MAX_CONFIG_VALUES} values (YAML aliases?); write it out plainly")
+            sizes: dict = {}
+            if expanded_size(node, sizes, self.path) > MAX_CONFIG_VALUES:
+                while big := [c for c in children(node) if sizes[id(c)] > MAX_CONFIG_VALUES]:
+                    node = big[0]  # down to the first value that alone expands too far
+                check(False, f"{self.path}: line {node.start_mark.line + 1}",
+                      f"the config expands to more than {MAX_CONFIG_VALUES} values (YAML aliases?); write it out plainly")
         return node
 
     def construct_mapping(self, node, deep=False):
@@ -286,27 +289,31 @@ class ConfigLoader(yaml.SafeLoader):
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 try:
-                    earlier = first.setdefault(key, line)
+                    earlier = first.get(key)
                 except TypeError:  # an unhashable key: safe_load's own error says so
                     continue
-                check(earlier == line, f"{self.path}: line {line}",
+                check(earlier is None, f"{self.path}: line {line}",
                       f"duplicate key {key!r} (first on line {earlier}); YAML would keep only the last one")
+                first[key] = line
         return super().construct_mapping(node, deep)
+
+
+def children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def expanded_size(node, memo: dict, path: str) -> int:
     """Values in the document once every alias is expanded, counted on the composed graph (where an
-    alias is one shared node) without expanding it; `memo` maps a node to its size."""
+    alias is one shared node) without expanding it; `memo` maps a node's id to its size."""
     if id(node) in memo:
         check(memo[id(node)] is not None, f"{path}: line {node.start_mark.line + 1}", "an alias refers to itself")
         return memo[id(node)]
     memo[id(node)] = None  # in progress: meeting it again means a recursive alias
-    if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(expanded_size(c, memo, path) for c in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(expanded_size(k, memo, path) + expanded_size(v, memo, path) for k, v in node.value)
-    else:
-        size = 1
+    size = 1 + sum(expanded_size(c, memo, path) for c in children(node))
     memo[id(node)] = size = min(size, MAX_CONFIG_VALUES + 1)  # the sums stay small numbers
     return size
 
