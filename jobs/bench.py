@@ -15,7 +15,9 @@ Decoding runs a fixed length (no stop strings, no EOS) so both sides sample exac
 of tokens. SmolLM2 stands in for every role (two copies as tuned/untuned, one loaded as a token
 reward model): the guidance is meaningless but every forward has the real cost. The JSON records
 machine, versions, models and settings; a Markdown table is printed at the end.
-Suites: smoke (tiny only, < 1 min, for tests), quick (< 5 min on 2 CPU cores), full.
+Suites: smoke (tiny only, < 1 min, for tests), quick (< 5 min on 2 CPU cores), full; and cluster:
+the pipeline on a multi-node cluster on this machine, prompts/s against model-server replicas and
+search actors, and the bytes that cross between nodes per token step (< 6 min).
 On a GPU machine: `--device cuda`.
 """
 
@@ -356,6 +358,166 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
     return result
 
 
+# ---------------------------------------------------------------- suite cluster: a multi-node cluster on loopback
+
+CLUSTER_PROMPTS, CLUSTER_SHARD = 32, 2  # 16 shards: 4 search actors stay busy, each timing is seconds
+
+
+def cluster_nodes():
+    """cluster.yaml's node types with room for 2 replicas of every role (fake GPUs) and 4 search
+    actors: b0 holds the base servers, g0 and g1 the guide servers and the search actors."""
+    from pipeline.loopback import NodeSpec
+
+    return [NodeSpec("h", 0), NodeSpec("b0", 2, 2, {"base_gpu": 2}),
+            NodeSpec("g0", 4, 2, {"guide_gpu": 2}), NodeSpec("g1", 4, 2, {"guide_gpu": 2})]
+
+
+def endpoint_nodes(cluster) -> dict:
+    """(ip, port) of every TCP socket of the cluster's processes -> the node it belongs to (this
+    driver belongs to the head, whose raylet it talks to)."""
+    from pipeline.loopback import processes_of
+
+    owners = {os.getpid(): "h"}
+    for node in cluster.nodes:
+        owners.update({p.pid: node.name for p in processes_of(node.temp_dir)})
+    ends = {}
+    for pid, node in owners.items():
+        try:
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.laddr:
+                    ends[(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)] = node
+        except psutil.Error:
+            pass
+    return ends
+
+
+def tcp_received() -> dict:
+    """(local, peer) -> bytes received on that TCP socket, from the kernel's tcp_info (`ss -tin`)."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["ss", "-tinH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    found, endpoint = {}, lambda text: (text.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:"),
+                                        int(text.rsplit(":", 1)[1]))
+    for head, info in zip(out[::2], out[1::2]):
+        parts = head.split()
+        got = re.search(r"bytes_received:(\d+)", info)
+        if len(parts) >= 5 and got:
+            found[(endpoint(parts[3]), endpoint(parts[4]))] = int(got.group(1))
+    return found
+
+
+def between_nodes(before: dict, after: dict, ends: dict) -> int:
+    """Bytes received over sockets whose two ends are on different nodes, between two snapshots
+    (each byte counted once, where it arrived; a socket closed in between is missed)."""
+    return sum(n - before.get(key, 0) for key, n in after.items()
+               if key[0] in ends and key[1] in ends and ends[key[0]] != ends[key[1]])
+
+
+def measure_cluster(threads: int, log) -> dict:
+    """The Ray pipeline across 4 raylets on this machine (pipeline/loopback.py), placement separate
+    (base, implicit, explicit servers on their own nodes by cluster.yaml's resources): prompts/s
+    against model-server replicas (1, 2) and search actors (1, 2, 4), and the bytes that cross
+    between nodes per token step. Each cluster is started and warmed before it is timed."""
+    import ray
+
+    from ivg.config import from_dict
+    from pipeline.config import Config
+    from pipeline.coordinator import Cluster, Scheduler, server_stats, start_cluster, stop_cluster
+    from pipeline.io import Manifest
+    from pipeline.loopback import LoopbackCluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="ivg-bench-"))
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in bench_rows(CLUSTER_PROMPTS)))
+    decode = DecodeConfig(max_new_tokens=NEW_TOKENS, temperature=0.7, stop=(), stop_at_eos=False)
+
+    def config(replicas: int, actors: int) -> Config:
+        role = lambda resource: {"num_cpus": 1, "num_gpus": 1, "resources": {resource: 1},  # noqa: E731
+                                 "replicas": replicas, "torch_threads": threads}
+        return from_dict(Config, {
+            "models": family_models("tiny", "cpu"), "decode": decode, "methods": (METHOD,),
+            "data": {"path": str(prompts)},
+            "pipeline": {"placement": "separate", "search_actors": actors, "search_cpus": 1,
+                         "shard_size": CLUSTER_SHARD, "batch_window_ms": 2.0,
+                         "servers": {"base": role("base_gpu"), "implicit": role("guide_gpu"),
+                                     "explicit": role("guide_gpu")}}})
+
+    def timed_run(cfg: Config, cluster: Cluster) -> tuple[float, Scheduler]:
+        out = Path(tempfile.mkdtemp(dir=tmp))
+        (out / "shards").mkdir()
+        scheduler = Scheduler(cfg, Manifest.open(out / "manifest.json", cfg.resolved(), cfg.fingerprint()), out,
+                              log=lambda *a, **k: None)
+        scheduler.cluster = cluster
+        seconds = timed(scheduler.run)
+        assert scheduler.counts["done"] == CLUSTER_PROMPTS // CLUSTER_SHARD, scheduler.counts
+        return seconds, scheduler
+
+    result = {"prompts_per_s": {}, "bytes_between_nodes_per_token_step": {}, "startup_s": {}}
+    start = time.perf_counter()
+    with LoopbackCluster(cluster_nodes()) as loopback:
+        result["cluster_start_s"] = time.perf_counter() - start
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=loopback.address, log_to_driver=False)
+        try:
+            for replicas, counts in ((1, (1, 2, 4)), (2, (2, 4))):
+                start = time.perf_counter()
+                full = start_cluster(config(replicas, 4))
+                result["startup_s"][str(replicas)] = time.perf_counter() - start
+                try:
+                    timed_run(config(replicas, 4), full)  # warm-up: first calls, lazy initialisation
+                    for actors in counts:
+                        cluster = Cluster(full.servers, full.searchers[:actors], full.placement)
+                        steps_before = sum(s.get("next_requests", 0) for name, s in server_stats(full).items()
+                                           if name.startswith("base"))
+                        ends, before = endpoint_nodes(loopback), tcp_received()
+                        seconds, _ = timed_run(config(replicas, actors), cluster)
+                        moved = between_nodes(before, tcp_received(), {**ends, **endpoint_nodes(loopback)})
+                        steps = sum(s.get("next_requests", 0) for name, s in server_stats(full).items()
+                                    if name.startswith("base")) - steps_before
+                        key = f"replicas={replicas},actors={actors}"
+                        result["prompts_per_s"][key] = CLUSTER_PROMPTS / seconds
+                        result["bytes_between_nodes_per_token_step"][key] = moved / max(steps, 1)
+                        log(f"[bench] cluster {key}: {CLUSTER_PROMPTS / seconds:.2f} prompts/s, "
+                            f"{moved / max(steps, 1):.0f} bytes between nodes per token step ({steps} steps)")
+                finally:
+                    stop_cluster(full)
+        finally:
+            ray.shutdown()
+    pps = result["prompts_per_s"]
+    result["replica_scaling"] = {a: pps[f"replicas=2,actors={a}"] / pps[f"replicas=1,actors={a}"] for a in ("2", "4")}
+    result["actor_scaling"] = {a: pps[f"replicas=1,actors={a}"] / pps["replicas=1,actors=1"] for a in ("2", "4")}
+    result["rows_per_token_step"] = CLUSTER_SHARD * METHOD.W * METHOD.K
+    return result
+
+
+def cluster_markdown(r: dict) -> str:
+    lines = ["| model-server replicas | search actors | prompts/s | bytes between nodes per token step |",
+             "|---|---|---|---|"]
+    for key, pps in r["prompts_per_s"].items():
+        replicas, actors = (part.split("=")[1] for part in key.split(","))
+        lines.append(f"| {replicas} | {actors} | {pps:.2f} | {r['bytes_between_nodes_per_token_step'][key]:.0f} |")
+    return "\n".join(lines)
+
+
+def run_cluster_suite(threads: int, log=print) -> dict:
+    torch.set_num_threads(threads)
+    report = {"suite": "cluster", "command": " ".join(["python -m jobs.bench"] + sys.argv[1:]),
+              "machine": machine("cpu", threads), "versions": versions(), "git": git_revision()}
+    results = measure_cluster(threads, log)
+    report["settings"] = {
+        "method": dataclasses.asdict(METHOD), "new_tokens": NEW_TOKENS, "models": "tiny (random, float32)",
+        "prompts": CLUSTER_PROMPTS, "shard_size": CLUSTER_SHARD,
+        "cluster": "pipeline/loopback.py: a head (no CPUs) and 3 worker raylets on 127.0.0.1 with cluster.yaml's "
+                   "resources, fake GPUs: b0 {base_gpu: 2}, g0 and g1 {guide_gpu: 2}; placement separate",
+        "bytes": "TCP bytes received on sockets joining processes of different nodes (kernel tcp_info via `ss`), "
+                 "during the timed run, over the base servers' `next` calls (one per token step of a search)",
+    }
+    report["results"] = results
+    report["markdown"] = cluster_markdown(results)
+    return report
+
+
 # ---------------------------------------------------------------- report
 
 def machine(device: str, threads: int) -> dict:
@@ -434,14 +596,16 @@ def run_suite(suite: str, device: str, threads: int, log=print) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    p.add_argument("--suite", choices=sorted(SUITES) + ["cluster"], default="quick",
+                   help="cluster: the pipeline on a loopback multi-node cluster (< 6 min)")
     p.add_argument("--out", default="bench.json", help="where the JSON report goes")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     # 1 by default: on a shared box (CI), more threads than free cores makes OpenMP spin and one
     # SmolLM2 decode step 10x slower (measured here); raise it on a quiet machine
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args(argv)
-    report = run_suite(args.suite, args.device, args.threads)
+    report = (run_cluster_suite(args.threads) if args.suite == "cluster" else
+              run_suite(args.suite, args.device, args.threads))
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n`{report['command']}` ({report['machine']['cpu']}, {args.device}):\n\n{report['markdown']}")
     return 0

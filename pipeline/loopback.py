@@ -8,7 +8,8 @@ which stops every Ray cluster on the machine, other people's too. GPUs are fake 
 schedules by them, the models run on the CPU. The head is started with a short health check, so the
 GCS declares a killed node dead in seconds rather than the default half minute.
 
-  python scripts/loopback_cluster.py start       # prints the address and root; --help for node types
+  python scripts/loopback_cluster.py start          # prints the address and ROOT
+  python scripts/loopback_cluster.py kill ROOT b0    # lose a node; `add ROOT b0` brings one back
   python scripts/loopback_cluster.py stop ROOT
 """
 
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -89,8 +90,12 @@ def free_ports(n: int) -> list[int]:
 
 def processes_of(temp_dir: str) -> list[psutil.Process]:
     """Every running process of the Ray node(s) rooted at temp_dir: those naming it, and their descendants."""
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}  # e.g. `loopback_cluster.py stop ROOT` and its shell
     roots = []
     for p in psutil.process_iter(["cmdline"]):
+        if p.pid in spared:
+            continue
         try:
             if any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
                 roots.append(p)
@@ -102,7 +107,7 @@ def processes_of(temp_dir: str) -> list[psutil.Process]:
             found.update({c.pid: c for c in p.children(recursive=True)})
         except psutil.Error:
             pass
-    return [p for p in found.values() if _alive(p)]
+    return [p for pid, p in found.items() if pid not in spared and _alive(p)]
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -268,6 +273,25 @@ class LoopbackCluster:
         if info is None or info.state != "ALIVE":
             return None
         return next((n for n in self.nodes if n.node_id == info.node_id), None)
+
+    def save(self) -> Path:
+        """ROOT/cluster.json: enough for another process (scripts/loopback_cluster.py) to add nodes."""
+        state = {"address": self.address, "dashboard": self.dashboard_url, "root": self.root,
+                 "nodes": [{**asdict(n.spec), "temp_dir": n.temp_dir, "node_id": n.node_id} for n in self.nodes]}
+        path = Path(self.root) / "cluster.json"
+        path.write_text(json.dumps(state, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, root: str) -> "LoopbackCluster":
+        state = json.loads((Path(root) / "cluster.json").read_text())
+        fields = ("name", "num_cpus", "num_gpus", "resources", "memory")
+        specs = [NodeSpec(**{k: n[k] for k in fields}) for n in state["nodes"]]
+        cluster = cls(specs, root=root)  # specs[0] is the head: it was launched first
+        cluster.gcs_port = int(state["address"].rsplit(":", 1)[1])
+        cluster.dashboard_port = int(state["dashboard"].rsplit(":", 1)[1])
+        cluster.nodes = [Node(spec, n["temp_dir"], n["node_id"]) for spec, n in zip(specs, state["nodes"])]
+        return cluster
 
     def stop(self) -> None:
         """Every process of every node (SIGTERM, then SIGKILL), then the temp dirs."""

@@ -9,7 +9,6 @@ import yaml
 
 from ivg.config import ConfigError, ModelSpec
 from ivg.models import load, prompt_ids
-from pipeline.capacity import check_capacity, needs
 from pipeline.config import load_config
 from helpers.pipeline import SMOKE, tiny_config, write_prompts
 
@@ -147,6 +146,8 @@ NODE = {"Alive": True, "Resources": {"CPU": 2.0, "memory": 8 * 2**30}}
 
 
 def test_a_search_shape_beyond_the_nodes_memory_is_refused_naming_the_field(tmp_path):
+    from pipeline.capacity import check_capacity, needs
+
     config = capacity_config(tmp_path, 10_000, 10_000, 16, 16)
     [need] = needs(config, "colocated")
     assert need.rows == 2 * 10_000 * 256  # two search actors' shards merged on one server
