@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -407,11 +408,22 @@ def tcp_received() -> dict:
     return found
 
 
-def between_nodes(before: dict, after: dict, ends: dict) -> int:
-    """Bytes received over sockets whose two ends are on different nodes, between two snapshots
-    (each byte counted once, where it arrived; a socket closed in between is missed)."""
-    return sum(n - before.get(key, 0) for key, n in after.items()
-               if key[0] in ends and key[1] in ends and ends[key[0]] != ends[key[1]])
+def between_nodes(before: dict, after: dict, ends: dict) -> dict[str, int]:
+    """Bytes received over sockets whose two ends are on different nodes, between two snapshots, by
+    "sender->receiver" node pair (each byte counted once, where it arrived; a socket closed in
+    between is missed: Ray's connections are long-lived)."""
+    moved = Counter()
+    for (local, peer), n in after.items():
+        if local in ends and peer in ends and ends[local] != ends[peer]:
+            moved[f"{ends[peer]}->{ends[local]}"] += n - before.get((local, peer), 0)
+    return dict(moved)
+
+
+def actor_nodes(loopback, cluster) -> dict[str, str]:
+    """Which node each actor of `cluster` runs on (Ray's state API)."""
+    handles = {f"{name}[{i}]": h for name, hs in cluster.servers.items() for i, h in enumerate(hs)}
+    handles.update({f"search-{k}": h for k, h in enumerate(cluster.searchers)})
+    return {name: getattr(loopback.node_of(h._actor_id.hex()), "name", None) for name, h in handles.items()}
 
 
 def measure_cluster(threads: int, log) -> dict:
@@ -453,7 +465,8 @@ def measure_cluster(threads: int, log) -> dict:
         assert scheduler.counts["done"] == CLUSTER_PROMPTS // CLUSTER_SHARD, scheduler.counts
         return seconds, scheduler
 
-    result = {"prompts_per_s": {}, "bytes_between_nodes_per_token_step": {}, "startup_s": {}}
+    result = {"prompts_per_s": {}, "bytes_between_nodes_per_token_step": {}, "bytes_by_node_pair": {},
+              "token_steps": {}, "placement": {}, "startup_s": {}}
     start = time.perf_counter()
     with LoopbackCluster(cluster_nodes()) as loopback:
         result["cluster_start_s"] = time.perf_counter() - start
@@ -472,14 +485,18 @@ def measure_cluster(threads: int, log) -> dict:
                                            if name.startswith("base"))
                         ends, before = endpoint_nodes(loopback), tcp_received()
                         seconds, _ = timed_run(config(replicas, actors), cluster)
-                        moved = between_nodes(before, tcp_received(), {**ends, **endpoint_nodes(loopback)})
+                        pairs = between_nodes(before, tcp_received(), {**ends, **endpoint_nodes(loopback)})
                         steps = sum(s.get("next_requests", 0) for name, s in server_stats(full).items()
                                     if name.startswith("base")) - steps_before
                         key = f"replicas={replicas},actors={actors}"
                         result["prompts_per_s"][key] = CLUSTER_PROMPTS / seconds
-                        result["bytes_between_nodes_per_token_step"][key] = moved / max(steps, 1)
+                        result["bytes_between_nodes_per_token_step"][key] = sum(pairs.values()) / max(steps, 1)
+                        result["bytes_by_node_pair"][key] = pairs
+                        result["token_steps"][key] = steps
                         log(f"[bench] cluster {key}: {CLUSTER_PROMPTS / seconds:.2f} prompts/s, "
-                            f"{moved / max(steps, 1):.0f} bytes between nodes per token step ({steps} steps)")
+                            f"{sum(pairs.values()) / max(steps, 1):.0f} bytes between nodes per token step "
+                            f"({steps} steps; {pairs})")
+                    result["placement"][str(replicas)] = actor_nodes(loopback, full)
                 finally:
                     stop_cluster(full)
         finally:
