@@ -50,6 +50,7 @@ class Need:
     logits: int
     weights: int
     method: int  # index of the method with the most rows
+    largest: tuple[str, int]  # (models.<role>, its weights' bytes) of the largest model it holds
 
     @property
     def total(self) -> int:
@@ -96,11 +97,12 @@ def needs(config: Config, placement: str) -> list[Need]:
                  or server in (m.token, m.chunk)]
         widest = max(using, key=lambda i: gen.methods[i].W * gen.methods[i].K)
         rows = searches * prompts * gen.methods[widest].W * gen.methods[widest].K
-        shapes = [model_shape(getattr(gen.models, m), gpu) for role in served for m in ROLE_MODELS[role]]
+        shapes = {f"models.{m}": model_shape(getattr(gen.models, m), gpu) for role in served for m in ROLE_MODELS[role]}
+        weights = {name: s.params * s.bytes_per_value for name, s in shapes.items()}
         out.append(Need(server, rows, tokens,
-                        kv=sum(rows * tokens * s.layers * 2 * s.kv_width * s.bytes_per_value for s in shapes),
-                        logits=sum(rows * s.vocab * 4 for s in shapes),
-                        weights=sum(s.params * s.bytes_per_value for s in shapes), method=widest))
+                        kv=sum(rows * tokens * s.layers * 2 * s.kv_width * s.bytes_per_value for s in shapes.values()),
+                        logits=sum(rows * s.vocab * 4 for s in shapes.values()),
+                        weights=sum(weights.values()), method=widest, largest=max(weights.items(), key=lambda kv: kv[1])))
     return out
 
 
@@ -128,8 +130,10 @@ def check_capacity(config: Config, nodes: list[dict], prompts: int | None = None
         m = config.methods[need.method]
         gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
         if need.weights > memory:
-            raise ConfigError(f"models: the weights of model server {need.server} need {gib(need.weights)}, more "
-                              f"than the {gib(memory)} of the largest node that can hold it; use smaller models")
+            name, size = need.largest
+            raise ConfigError(f"{name}: its weights need {gib(size)} (all of model server {need.server}'s: "
+                              f"{gib(need.weights)}), more than the {gib(memory)} of the largest node that can "
+                              "hold it; use a smaller model or dtype")
         raise ConfigError(
             f"pipeline.shard_size: model server {need.server} needs at least {gib(need.total)} for {need.rows} rows "
             f"(pipeline.shard_size={config.pipeline.shard_size} prompts x W*K={m.W * m.K} of methods[{need.method}]"

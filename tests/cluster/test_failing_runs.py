@@ -5,7 +5,11 @@ import json
 
 import pytest
 
-from ivg.config import ModelSpec
+from transformers import GPT2Config
+
+from ivg.config import ConfigError, ModelSpec
+from ivg.tiny import tiny_tokenizer
+from pipeline import coordinator
 from pipeline.coordinator import generate
 from helpers.models import huge_model_folder
 from helpers.pipeline import jsonl, read_rows, tiny_config, write_prompts
@@ -35,11 +39,26 @@ def test_bad_rows_through_the_pipeline_fail_alone(ray_local, tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_a_server_that_cannot_load_its_model_fails_the_run_naming_it(ray_local, tmp_path):
+def test_a_model_too_big_for_any_node_is_refused_before_any_actor_starts(ray_local, tmp_path, monkeypatch):
     config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS[:1])
     base = ModelSpec(str(huge_model_folder(tmp_path / "huge")), device="cpu")
     config = type(config)(**{**config.__dict__, "models": type(config.models)(**{**config.models.__dict__, "base": base})})
-    with pytest.raises(RuntimeError, match=r"model server colocated\[0\] failed to start: MemoryError: .*huge"):
+    monkeypatch.setattr(coordinator, "start_cluster", lambda c: pytest.fail("an actor started"))
+    with pytest.raises(ConfigError, match=r"^models.base: its weights need [\d.]+ GiB .* more than the [\d.]+ GiB of "
+                                          r"the largest node that can hold it"):
+        generate(config)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(90)
+def test_a_server_that_cannot_load_its_model_fails_the_run_naming_it(ray_local, tmp_path):
+    config = tiny_config(write_prompts(tmp_path / "p.jsonl"), tmp_path / "out", METHODS[:1])
+    folder = tmp_path / "no-weights"  # a config and a tokenizer, but no weights file
+    GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=len(tiny_tokenizer("tiny"))).save_pretrained(folder)
+    tiny_tokenizer("tiny").save_pretrained(folder)
+    base = ModelSpec(str(folder), device="cpu")
+    config = type(config)(**{**config.__dict__, "models": type(config.models)(**{**config.models.__dict__, "base": base})})
+    with pytest.raises(RuntimeError, match=r"model server colocated\[0\] failed to start: OSError: .*no-weights"):
         generate(config)
 
 
