@@ -398,13 +398,15 @@ def tcp_received() -> dict:
     import subprocess
 
     out = subprocess.run(["ss", "-tinH"], capture_output=True, text=True, check=True).stdout.splitlines()
-    found, endpoint = {}, lambda text: (text.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:"),
-                                        int(text.rsplit(":", 1)[1]))
-    for head, info in zip(out[::2], out[1::2]):
-        parts = head.split()
-        got = re.search(r"bytes_received:(\d+)", info)
-        if len(parts) >= 5 and got:
-            found[(endpoint(parts[3]), endpoint(parts[4]))] = int(got.group(1))
+    endpoint = lambda text: (text.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:"),  # noqa: E731
+                             int(text.rsplit(":", 1)[1]))
+    found, key = {}, None
+    for line in out:  # a socket's line, then (indented) its tcp_info
+        if not line[:1].isspace():
+            parts = line.split()
+            key = (endpoint(parts[3]), endpoint(parts[4])) if len(parts) >= 5 else None
+        elif key and (got := re.search(r"bytes_received:(\d+)", line)):
+            found[key] = int(got.group(1))
     return found
 
 
