@@ -228,6 +228,7 @@ class Scheduler:
                 "moved to corrupt/", file=sys.stderr)
         self.replaced: dict[str, dict] = {}  # new shard id -> {was: old shard id, changed_ids}
         self.short_since: float | None = None  # since when live nodes lack what the actors need
+        self.watched = 0.0  # when watch() last asked Ray for the nodes
 
     def run(self) -> Counter:
         n = input_prompts(self.config)
@@ -238,8 +239,8 @@ class Scheduler:
             if not self.in_flight:
                 return self.counts
             ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=self.poll_s)
+            self.watch()
             if not ready:
-                self.watch()
                 continue
             [ref] = ready
             shard, actor, attempt = self.in_flight.pop(ref)
@@ -256,10 +257,12 @@ class Scheduler:
         return min(2.0, self.config.pipeline.start_timeout_s / 4)
 
     def watch(self) -> None:
-        """Between results: fail the run once the live nodes have lacked what its actors need for
-        start_timeout_s (a dead node that never came back); Ray restarts the actors when they do not."""
-        if self.cluster is None:
+        """Every poll_s: fail the run once the live nodes have lacked what its actors need for
+        start_timeout_s (a dead node that never came back); Ray restarts the actors when they do not.
+        Checked whether or not results arrive: shards failing fast on a lost actor must not hide it."""
+        if self.cluster is None or time.monotonic() - self.watched < self.poll_s:
             return
+        self.watched = time.monotonic()
         missing = shortfall(self.config, self.cluster.placement, ray.nodes())
         if missing is None:
             self.short_since = None
@@ -311,6 +314,8 @@ class Scheduler:
             self.manifest.shard(by, replaces=old_id, changed_ids=changed)
         if by is None:
             what = "its rows are no longer in the input"
+        elif changed == []:
+            what = f"the same rows under an id of an earlier ivg version; computed again as {by}"
         elif changed is None:
             what = f"its input rows changed; computed again as {by}"
         else:

@@ -325,7 +325,12 @@ class RunLock:
 
     def acquire(self) -> dict | None:
         """Lock, or raise OutputInUse naming the holder; returns the dead holder's record if taken over."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink: the lock file is truncated, which must not hit a file elsewhere
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise OutputInUse(f"{self.path} is a symlink, not this directory's lock; remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -347,9 +352,10 @@ class RunLock:
     @staticmethod
     def holder(fd: int) -> dict | None:
         try:
-            return json.loads(os.pread(fd, 4096, 0) or b"null")
+            record = json.loads(os.pread(fd, 4096, 0) or b"null")
         except ValueError:  # half-written by a driver killed in the middle of acquire
             return None
+        return record if isinstance(record, dict) else None
 
     def release(self) -> None:
         if self.fd is not None:

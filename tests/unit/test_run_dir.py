@@ -78,6 +78,12 @@ def test_the_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
     lock = io.RunLock(tmp_path / "other")
     assert lock.acquire() == {"pid": 999999, "host": "h", "started": "t"}
     lock.release()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "victim").write_text("keep me")
+    (tmp_path / "linked" / ".lock").symlink_to(tmp_path / "victim")  # never truncated through a link
+    with pytest.raises(io.OutputInUse, match=r"\.lock is a symlink"):
+        io.RunLock(tmp_path / "linked").acquire()
+    assert (tmp_path / "victim").read_text() == "keep me"
 
 
 def finished_run(tmp_path, status: str, states=("done", "done")):
