@@ -9,8 +9,10 @@ prompt of its shard. For each model the server holds:
   logits    rows x vocab x 4 (one step's float32 logits, the value vectors are as large)
   weights   parameters x bytes per value
 
-with tokens >= max_new_tokens + 1 (a prompt is at least one token): every term is a lower bound,
-so a shape refused here cannot fit, and a shape accepted may still not (long prompts). The memory
+with tokens >= 2 (a prompt token and the first sampled one; a row may stop there), or >=
+max_new_tokens + 1 when decoding cannot stop early (no stop strings, stop_at_eos off). At the
+first step every row is alive, so every term is a lower bound: a shape refused here cannot fit,
+and a shape accepted may still not (long prompts, long responses). The memory
 of a CPU server is its node's (Ray's `memory` resource: what the node lets tasks use). A GPU
 server's device memory is not known before the actor runs on its node, so GPU servers are not
 checked here (their weights are checked as they load, ivg.models.check_memory).
@@ -86,7 +88,8 @@ def needs(config: Config, placement: str) -> list[Need]:
     gen, p = config.generation, config.pipeline
     roles = needed_roles(gen)
     groups = {"colocated": roles} if placement == "colocated" else {r: [r] for r in roles}
-    tokens = gen.decode.max_new_tokens + 1
+    d = gen.decode
+    tokens = d.max_new_tokens + 1 if not d.stop and not d.stop_at_eos else 2
     out = []
     for server, served in groups.items():
         spec = getattr(p.servers, server)
@@ -137,6 +140,6 @@ def check_capacity(config: Config, nodes: list[dict], prompts: int | None = None
         raise ConfigError(
             f"pipeline.shard_size: model server {need.server} needs at least {gib(need.total)} for {need.rows} rows "
             f"(pipeline.shard_size={config.pipeline.shard_size} prompts x W*K={m.W * m.K} of methods[{need.method}]"
-            f" x {math.ceil(p.search_actors / spec.replicas)} searches merged) of {need.tokens}+ tokens: KV caches "
+            f" x {math.ceil(p.search_actors / spec.replicas)} searches merged) of at least {need.tokens} tokens: KV caches "
             f"{gib(need.kv)}, logits {gib(need.logits)}, weights {gib(need.weights)}; the largest node that can "
             f"hold it has {gib(memory)}. Lower pipeline.shard_size, W*K or search_actors per replica")
