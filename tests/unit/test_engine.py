@@ -321,3 +321,32 @@ def test_failed_prompt_does_not_lose_neighbours():
     ok = engine.run(rows(["the movie", "good"]), method)
     assert [got[0]["response"], got[2]["response"]] != [None, None]
     assert got[0]["response"] == ok[0]["response"]  # same id p0 → same stream
+
+
+def test_max_new_tokens_auto_fills_each_prompts_room_in_the_context():
+    """auto: per prompt, the room its views leave in the tightest context of the models the method
+    uses (here the base's, whose template makes its view the longest); a prompt that fills the
+    context fails with a reason, its neighbours run. The reference computes the room itself."""
+    method = cell("implicit", "explicit")
+    engine = Engine.local(config([method], max_new_tokens="auto", stop_at_eos=False))
+    for role in engine.roles.roles.values():
+        for m in role.models:
+            m.model.config.n_positions = 36  # a 36-token context (GPT-2 reads it only when built)
+    prompts = rows()  # base views "Review: <prompt>": 21, 9, 40 and 34 tokens (characters)
+    got = engine.run(prompts, method)
+    assert [r["status"] for r in got] == ["ok", "ok", "failed", "ok"]
+    assert [r["n_new_tokens"] for r in got] == [15, 27, 0, 2]
+    assert "fills the model's context" in got[2]["error"] and got[2]["error"].startswith("base:")
+    ok = [r for r, g in zip(prompts, got) if g["status"] == "ok"]
+    assert_same([g for g in got if g["status"] == "ok"], reference_rows(engine, method, ok))
+
+
+def test_max_new_tokens_auto_is_validated():
+    from ivg.config import ConfigError, DecodeConfig, from_dict
+    assert from_dict(DecodeConfig, {"max_new_tokens": "auto"}).max_new_tokens == "auto"
+    for bad in ("lots", 0, 2.5):
+        with pytest.raises(ConfigError, match=r"^decode\.max_new_tokens"):
+            from_dict(DecodeConfig, {"max_new_tokens": bad}, "decode").validate()
+    cfg = config([cell("none", "none")], max_new_tokens="auto")
+    with pytest.raises(ConfigError, match=r"^truncate.*auto"):
+        Engine.local(cfg, truncate="left")
