@@ -24,23 +24,30 @@ class LocalRoles:
 
 
 def check_vocabularies(config: GenerationConfig, tokenizers: dict) -> None:
-    """Token-wise guidance adds value vectors to the base logits, and score_eos appends the base's EOS
-    id to what the chunk scorer reads: refuse mismatched vocabularies for either."""
+    """Token-wise guidance adds value vectors to the base logits: refuse mismatched vocabularies."""
     for i, m in enumerate(config.methods):
-        if m.token != "none":
-            for role in ("tuned", "untuned") if m.token == "implicit" else ("explicit",):
-                if not same_vocab(tokenizers["base"], tokenizers[role]):
-                    raise ConfigError(
-                        f"methods[{i}].token: token-wise {m.token} guidance needs models.{role} to share the "
-                        f"base's vocabulary ({config.models.base.name} vs {getattr(config.models, role).name}); "
-                        "use chunk-level guidance for models with different tokenizers")
-        if m.score_eos:
-            for role in ("tuned", "untuned") if m.chunk == "implicit" else ("explicit",):
-                if not same_vocab(tokenizers["base"], tokenizers[role]):
-                    raise ConfigError(
-                        f"methods[{i}].score_eos: appending the base's EOS before scoring needs models.{role} "
-                        f"to share the base's vocabulary ({config.models.base.name} vs "
-                        f"{getattr(config.models, role).name}); set score_eos: false for this scorer")
+        check_score_eos(config, tokenizers, i, m)
+        if m.token == "none":
+            continue
+        guides = ("tuned", "untuned") if m.token == "implicit" else ("explicit",)
+        for role in guides:
+            if not same_vocab(tokenizers["base"], tokenizers[role]):
+                raise ConfigError(
+                    f"methods[{i}].token: token-wise {m.token} guidance needs models.{role} to share the "
+                    f"base's vocabulary ({config.models.base.name} vs {getattr(config.models, role).name}); "
+                    "use chunk-level guidance for models with different tokenizers")
+
+
+def check_score_eos(config: GenerationConfig, tokenizers: dict, i: int, m: MethodConfig) -> None:
+    """score_eos appends the base's EOS id to what the chunk scorer reads: it must share the vocabulary."""
+    if not m.score_eos:
+        return
+    for role in ("tuned", "untuned") if m.chunk == "implicit" else ("explicit",):
+        if not same_vocab(tokenizers["base"], tokenizers[role]):
+            raise ConfigError(
+                f"methods[{i}].score_eos: appending the base's EOS before scoring needs models.{role} to "
+                f"share the base's vocabulary ({config.models.base.name} vs {getattr(config.models, role).name}); "
+                "set score_eos: false for this scorer")
 
 
 def needed_roles(config: GenerationConfig) -> list[str]:

@@ -175,8 +175,8 @@ class Search:
 
 def keep_top(kept, children, scores, W, finished: str = "keep_once", K: int = 1) -> list[list[Beam]]:
     """Per prompt, the W best of (finished kept beams + new children); ties keep the earlier one, and
-    finished beams come first. finished="repeat" enters each finished beam K times (as the paper's
-    code repeats every kept beam K times): identical copies, which can fill up to K of the W slots."""
+    finished beams come first. finished="repeat" enters each finished kept beam K times, as the paper's
+    code repeats every kept beam K times: identical copies (no forwards), each taking a slot it wins."""
     copies = K if finished == "repeat" else 1
     by_prompt = [[b.child() for b in beams if b.done for _ in range(copies)] for beams in kept]
     for row, (c, s) in enumerate(zip(children, scores)):
