@@ -10,7 +10,7 @@ prompt of its shard. For each model the server holds:
   weights   parameters x bytes per value
 
 with tokens >= 2 (a prompt token and the first sampled one; a row may stop there), or >=
-max_new_tokens + 1 when decoding cannot stop early (no stop strings, stop_at_eos off). At the
+max_new_tokens + 1 when decoding cannot stop early (no stop strings, stop_at_eos off, a number). At the
 first step every row is alive, so every term is a lower bound: a shape refused here cannot fit,
 and a shape accepted may still not (long prompts, long responses). The memory
 of a CPU server is its node's (Ray's `memory` resource: what the node lets tasks use). A GPU
@@ -89,7 +89,8 @@ def needs(config: Config, placement: str) -> list[Need]:
     roles = needed_roles(gen)
     groups = {"colocated": roles} if placement == "colocated" else {r: [r] for r in roles}
     d = gen.decode
-    tokens = d.max_new_tokens + 1 if not d.stop and not d.stop_at_eos else 2
+    fixed = not d.stop and not d.stop_at_eos and isinstance(d.max_new_tokens, int)  # not "auto": unknown here
+    tokens = d.max_new_tokens + 1 if fixed else 2
     out = []
     for server, served in groups.items():
         spec = getattr(p.servers, server)
