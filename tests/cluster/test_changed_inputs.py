@@ -24,26 +24,41 @@ def files(out) -> dict:
 
 
 @pytest.mark.timeout(180)
-def test_an_input_edited_in_place_recomputes_exactly_the_changed_shards(ray_local, tmp_path):
+def test_an_edited_input_and_foreign_entries_in_shards_recompute_exactly_their_shards(ray_local, tmp_path):
     path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "out"
     config = tiny_config(path, out, METHODS[:1], shard_size=2, search_actors=1)
     assert generate(config).done == 3
     before = files(out)
+    first, second, third = sorted(before)
 
-    edited = [*PROMPTS[:3], "an edited prompt:", *PROMPTS[4:]]  # row 3: the second shard
+    # 1. row 3 (the second shard) edited in place
+    edited = [*PROMPTS[:3], "an edited prompt:", *PROMPTS[4:]]
     write_prompts(path, edited)
+    # 2. the first shard's file replaced by a symlink to a valid copy elsewhere, and foreign entries
+    shards, elsewhere = out / "shards", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(shards / first, elsewhere / "copy.parquet")
+    os.remove(shards / first)
+    (shards / first).symlink_to(elsewhere / "copy.parquet")  # a valid shard, but not in this directory
+    (shards / "more.parquet").symlink_to(elsewhere)  # evaluation globs shards/: never read through it
+    (shards / "sub").mkdir()
+    shutil.copy(shards / third, shards / "sub" / third)  # a nested copy would double its rows
+    (shards / "extra.parquet").write_bytes((shards / third).read_bytes())
+
     logs = []
     summary = generate(config, log=lambda *a, **k: logs.append(" ".join(map(str, a))))
-    assert (summary.done, summary.skipped) == (1, 2)
+    assert (summary.status, summary.done, summary.skipped) == ("finished", 2, 1)  # shards 0 and 1 computed
     after = files(out)
-    [old] = sorted(set(before) - set(after))
+    assert after[third] == before[third]  # untouched
     [new] = sorted(set(after) - set(before))
-    assert old.startswith("000001-") and new.startswith("000001-")
-    assert {k: after[k] for k in set(before) & set(after)} == {k: before[k] for k in set(before) & set(after)}
-    assert (out / "stale" / old).exists()  # the old rows, kept for a look, outside shards/
+    assert second.startswith("000001-") and new.startswith("000001-")
+    assert (out / "stale" / second).exists()  # the edited rows' old file, outside shards/
+    assert sorted(p.name for p in (out / "corrupt").iterdir()) == sorted([first, "more.parquet", "sub", "extra.parquet"])
+    assert (out / "corrupt" / first).is_symlink() and (elsewhere / "copy.parquet").is_file()  # the link moved
+    assert not (shards / first).is_symlink() and sorted(p.name for p in shards.iterdir()) == sorted(after)
     manifest = json.loads((out / "manifest.json").read_text())
-    old_id, new_id = old.removesuffix(".parquet"), new.removesuffix(".parquet")
+    old_id, new_id = second.removesuffix(".parquet"), new.removesuffix(".parquet")
     assert manifest["shards"][old_id]["state"] == "replaced" and manifest["shards"][old_id]["replaced_by"] == new_id
     assert manifest["shards"][new_id]["replaces"] == old_id and manifest["shards"][new_id]["changed_ids"] == ["p3"]
     assert manifest["runs"][-1]["replaced"] == {new_id: {"was": old_id, "changed_ids": ["p3"]}}
@@ -54,36 +69,10 @@ def test_an_input_edited_in_place_recomputes_exactly_the_changed_shards(ray_loca
     assert {r["id"]: r["prompt"] for r in rows} == {f"p{i}": p for i, p in enumerate(edited)}
     assert {(r["id"], r["method"]): content(r) for r in rows} == reference_rows(config)
 
-    write_prompts(path, edited[:4])  # the input shrank: shard 2's file is no longer the input's
+    write_prompts(path, edited[:4])  # 3. the input shrank: shard 2's file is no longer the input's
     summary = generate(config)
     assert (summary.done, summary.skipped, summary.placement) == (0, 2, None)  # no actor started
     assert exactly_once(read_rows(out), IDS[:4], ["base"]) and len(list((out / "stale").iterdir())) == 2
-
-
-@pytest.mark.timeout(180)
-def test_symlinks_and_foreign_entries_in_shards_are_set_aside_and_redone(ray_local, tmp_path):
-    path = write_prompts(tmp_path / "p.jsonl", PROMPTS[:4])
-    out = tmp_path / "out"
-    config = tiny_config(path, out, METHODS[:1], shard_size=1, search_actors=1)
-    assert generate(config).done == 4
-    shards = out / "shards"
-    linked, kept, *_ = sorted(files(out))
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    shutil.copy(shards / linked, elsewhere / "copy.parquet")
-    os.remove(shards / linked)
-    (shards / linked).symlink_to(elsewhere / "copy.parquet")  # a valid shard, but not in this directory
-    (shards / "more.parquet").symlink_to(elsewhere)  # evaluation globs shards/: never read through it
-    (shards / "sub").mkdir()
-    shutil.copy(shards / kept, shards / "sub" / kept)  # a nested copy would double its rows
-    (shards / "extra.parquet").write_bytes((shards / kept).read_bytes())
-
-    summary = generate(config)
-    assert (summary.status, summary.done, summary.skipped) == ("finished", 1, 3)
-    assert sorted(p.name for p in (out / "corrupt").iterdir()) == sorted([linked, "more.parquet", "sub", "extra.parquet"])
-    assert (out / "corrupt" / linked).is_symlink() and (elsewhere / "copy.parquet").is_file()  # the link moved
-    assert not (shards / linked).is_symlink() and sorted(p.name for p in shards.iterdir()) == sorted(files(out))
-    assert exactly_once(read_rows(out), IDS[:4], ["base"])
 
 
 @pytest.mark.timeout(120)
