@@ -1,4 +1,4 @@
-"""A multi-node Ray cluster on one machine: a head and worker raylets on 127.0.0.1, each node with
+"""A multi-node Ray cluster on one machine: a head and worker raylets on this host, each node with
 the resources of one of cluster.yaml's node types, for the cluster tests and `jobs.bench --suite cluster`.
 
 Every node is a real `ray start` (its own raylet, object store, agents and workers) with its own temp
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -154,6 +155,7 @@ class LoopbackCluster:
         self.specs, self.env = nodes, ray_env(env)
         self.root = root or tempfile.mkdtemp(prefix="ivgr-", dir="/tmp")  # short: socket paths are limited
         self.nodes: list[Node] = []
+        self.launches = Counter()  # spec name -> nodes started under it (each gets its own dir)
         self.gcs_port = self.dashboard_port = None
 
     @property
@@ -177,20 +179,47 @@ class LoopbackCluster:
     def start(self, timeout_s: float = 180) -> "LoopbackCluster":
         """The head, then every worker at once (each `ray start` takes seconds, mostly importing ray)."""
         self.gcs_port, self.dashboard_port = free_ports(2)
-        head = self._launch(self.specs[0], head=True)
-        self._finish([head], timeout_s)
-        self._finish([self._launch(s) for s in self.specs[1:]], timeout_s)
+        self._start([self.specs[0]], timeout_s, head=True)
+        self._start(self.specs[1:], timeout_s)
         self.wait_registered(self.nodes, timeout_s)
         return self
 
     def add(self, spec: NodeSpec, timeout_s: float = 180) -> Node:
         """Start another worker node (e.g. the one a test killed, back again) and wait until it is alive."""
-        [node] = self._finish([self._launch(spec)], timeout_s)
+        [node] = self._start([spec], timeout_s)
         self.wait_registered([node], timeout_s)
         return node
 
+    def _start(self, specs: list[NodeSpec], timeout_s: float, head: bool = False, attempts: int = 2) -> list[Node]:
+        """`ray start` these nodes at once. A raylet that a loaded GCS did not register in time (Ray's
+        own startup timeout) is stopped and started again once, in a new dir, under a new name."""
+        started = []
+        for attempt in range(attempts):
+            launched = [self._launch(spec, head) for spec in specs]
+            failed = []
+            for node, proc in launched:
+                try:
+                    log, _ = proc.communicate(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    log = f"did not return in {timeout_s:g}s"
+                if proc.returncode == 0:
+                    started.append(node)
+                else:
+                    stop_processes(node.temp_dir, signal.SIGKILL)
+                    self.nodes.remove(node)
+                    failed.append((node, log))
+            if not failed:
+                return started
+            if head or attempt == attempts - 1:
+                node, log = failed[0]
+                raise RuntimeError(f"`ray start` of node {node.name} failed:\n{log[-3000:]}")
+            specs = [node.spec for node, _ in failed]
+        return started
+
     def _launch(self, spec: NodeSpec, head: bool = False) -> tuple:
-        n = sum(1 for node in self.nodes if node.spec.name == spec.name)
+        n = self.launches[spec.name]
+        self.launches[spec.name] += 1
         temp_dir = os.path.join(self.root, spec.name + (f"r{n}" if n else ""))  # a restarted node: a new dir
         node_port, object_port, metrics, agent, agent_grpc, env_agent, client = free_ports(7)
         cmd = [RAY, "start", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
@@ -213,17 +242,6 @@ class LoopbackCluster:
         node = Node(spec, temp_dir)
         self.nodes.append(node)
         return node, proc
-
-    def _finish(self, launched: list[tuple], timeout_s: float) -> list[Node]:
-        for node, proc in launched:
-            try:
-                log, _ = proc.communicate(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise RuntimeError(f"`ray start` of node {node.spec.name} did not return in {timeout_s:g}s")
-            if proc.returncode != 0:
-                raise RuntimeError(f"`ray start` of node {node.spec.name} failed:\n{log[-3000:]}")
-        return [node for node, _ in launched]
 
     def live_nodes(self) -> dict[str, str]:
         """node name -> Ray node id of every live node, from Ray's state API (no driver needed)."""
@@ -291,6 +309,7 @@ class LoopbackCluster:
         cluster.gcs_port = int(state["address"].rsplit(":", 1)[1])
         cluster.dashboard_port = int(state["dashboard"].rsplit(":", 1)[1])
         cluster.nodes = [Node(spec, n["temp_dir"], n["node_id"]) for spec, n in zip(specs, state["nodes"])]
+        cluster.launches.update(spec.name for spec in specs)
         return cluster
 
     def stop(self) -> None:
