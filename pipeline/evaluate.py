@@ -2,15 +2,20 @@
 
 Layout of a run dir (inputs from generate, the rest written here):
     DIR/shards/*.parquet                      generate output rows (any *.parquet under shards/, recursively)
-    DIR/evaluated/samples.parquet             every row + gold_reward [+ reference_reward, preference, judge]
+    DIR/evaluated/samples.parquet             every row + gold_reward [+ reference_reward, preference, judge],
+                                              each derived column C with C_scorer: who computed it
     DIR/evaluated/annotations/<method>.json   alpaca_eval annotations (alpaca only), instruction order
-    DIR/evaluated/eval_config.json            the EvalConfig that produced them
+    DIR/evaluated/eval_config.json            the EvalConfig that produced them, and its scorers' identities
     DIR/summary.parquet                       one row per method (see `summarize`)
     DIR/report.md, DIR/report.png             the summary table; gold reward vs model-token cost
 Re-running is idempotent: the files are rewritten whole (atomically), and scores already in
-samples.parquet are reused for rows with the same (id, method) and response, so only new rows are scored.
+samples.parquet are reused for rows with the same (id, method) and response *and the same scorer*: every
+derived column C has a column C_scorer holding `scorer_id(identity)` of what computed it (a hash of the
+gold or judge spec and its weights, ivg.eval.gold.gold_identity), so a changed gold model, format or
+retrained weights rescore, while device or batch size (speed only) do not.
 Failed rows (status=failed) are kept and counted, never scored, and left out of every mean.
-Scorers are plain callables `(prompts, responses) -> scores`: the Ray pipeline may pass actor-backed ones.
+Scorers are plain callables `(prompts, responses) -> scores`: the Ray pipeline may pass actor-backed ones;
+a scorer passed in is taken to compute what cfg.gold (or cfg.alpaca.judge_model) describes.
 """
 
 import json
@@ -24,7 +29,7 @@ import pandas as pd
 
 from ivg.eval.alpaca import api_annotations, length_controlled_winrate, offline_annotations
 from ivg.eval.config import EvalConfig
-from ivg.eval.gold import GoldScorer
+from ivg.eval.gold import GoldScorer, gold_identity, scorer_id
 from ivg.eval.report import write_report
 from ivg.eval.summary import as_dict, summarize
 from ivg.files import atomic_path
@@ -43,22 +48,44 @@ def evaluate_run(run_dir, cfg: EvalConfig, scorer: Scorer | None = None, judge: 
     rows = read_shards(run_dir)
     prev = pd.read_parquet(out_dir / "samples.parquet") if (out_dir / "samples.parquet").exists() else None
     ok = rows["status"] == "ok"
+    scorers = Scorers(cfg)
 
     if cfg.gold is not None:
         scorer = scorer or _lazy(lambda: GoldScorer(cfg.gold).score)
-        rows["gold_reward"] = reuse_or_score(rows, prev, "gold_reward", ok, scorer)
+        reuse_or_score(rows, prev, "gold_reward", ok, scorer, scorers.gold)
 
     lc = {}
     if cfg.alpaca is not None:
-        lc = _alpaca(rows, prev, cfg, ok, scorer, judge, out_dir / "annotations")
+        lc = _alpaca(rows, prev, cfg, ok, scorer, judge, scorers, out_dir / "annotations")
 
     summary = summarize(rows, lc)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval_config.json").write_text(json.dumps(asdict(cfg), indent=2))  # what made these numbers
+    # what made these numbers: the config, and each scorer id's identity
+    (out_dir / "eval_config.json").write_text(json.dumps({**asdict(cfg), "scorers": scorers.identities}, indent=2))
     _write_parquet(rows, out_dir / "samples.parquet")
     _write_parquet(summary, run_dir / cfg.summary)
     write_report(summary, run_dir / cfg.report, run_dir / cfg.plot, title=f"Evaluation of {run_dir.name}")
     return summary
+
+
+class Scorers:
+    """The scorer id of each derived column's maker, and the identity behind every id."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.identities: dict[str, dict] = {}
+        self.gold = self.add(gold_identity(cfg.gold)) if cfg.gold is not None else None
+        a = cfg.alpaca
+        if a is None:
+            self.judge = None
+        elif a.judge != "offline":  # one of alpaca_eval's (API) annotators
+            self.judge = self.add({"annotator": a.judge})
+        else:  # the offline judge's reward model: judge_model, else the gold model
+            self.judge = self.add(gold_identity(a.judge_model)) if a.judge_model is not None else self.gold
+
+    def add(self, identity: dict) -> str:
+        sid = scorer_id(identity)
+        self.identities[sid] = identity
+        return sid
 
 
 def read_shards(run_dir: Path) -> pd.DataFrame:
@@ -80,13 +107,16 @@ def read_shards(run_dir: Path) -> pd.DataFrame:
     return df.sort_values(KEY, ignore_index=True)  # results depend on (id, method), not on shard order
 
 
-def reuse_or_score(rows, prev, column: str, todo: pd.Series, scorer: Scorer, text: str = "response") -> pd.Series:
-    """`column` for rows with todo=True: from prev where (id, method, rows[text]) match, else scored now."""
+def reuse_or_score(rows, prev, column: str, todo: pd.Series, scorer: Scorer, sid: str,
+                   text: str = "response") -> None:
+    """Set rows[column] (and rows[column + "_scorer"] = sid) for rows with todo=True: from prev where
+    (id, method, rows[text]) match and prev's value was made by the same scorer, else scored now."""
     out = pd.Series(np.nan, index=rows.index)
-    if prev is not None and column in prev.columns:
+    by = f"{column}_scorer"
+    if prev is not None and {column, by} <= set(prev.columns):
         old = prev.drop_duplicates(KEY).set_index(KEY)
         keys = pd.MultiIndex.from_frame(rows[KEY])
-        same = old[text].reindex(keys).to_numpy() == rows[text].to_numpy()
+        same = (old[text].reindex(keys).to_numpy() == rows[text].to_numpy()) & (old[by].reindex(keys).to_numpy() == sid)
         out[same] = old[column].reindex(keys).to_numpy()[same]
     need = todo & out.isna()
     if need.any():
@@ -94,12 +124,14 @@ def reuse_or_score(rows, prev, column: str, todo: pd.Series, scorer: Scorer, tex
         if len(scores) != int(need.sum()):
             raise RuntimeError(f"scorer returned {len(scores)} scores for {int(need.sum())} texts ({column})")
         out[need] = np.asarray(scores, dtype=float)
-    log.info("%s: %d reused, %d scored", column, int((todo & ~need).sum()), int(need.sum()))
-    return out.where(todo)
+    log.info("%s: %d reused, %d scored (scorer %s)", column, int((todo & ~need).sum()), int(need.sum()), sid)
+    rows[column] = out.where(todo)
+    rows[by] = _made_by(rows[column], sid)
 
 
-def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
-    """Adds reference, reference_reward, preference, judge columns; returns {method: LC metrics}."""
+def _alpaca(rows, prev, cfg, ok, scorer, judge, scorers: Scorers, annotations_dir) -> dict:
+    """Adds reference, reference_reward, preference, judge columns (with their _scorer columns);
+    returns {method: LC metrics}."""
     a = cfg.alpaca
     rows["reference"], index = _references(rows, a.reference)
     ok = ok & rows["reference"].notna()  # e.g. the reference method failed on that prompt
@@ -109,13 +141,14 @@ def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
             judge, out_rewards = scorer, rows["gold_reward"]
         else:
             judge = judge or _lazy(lambda: GoldScorer(a.judge_model).score)
-            out_rewards = reuse_or_score(rows, prev, "judge_reward", ok, judge)
+            reuse_or_score(rows, prev, "judge_reward", ok, judge, scorers.judge)
+            out_rewards = rows["judge_reward"]
         # a reference is scored once per id (on its first ok row), whatever the number of methods
         first = ok & ~rows["id"].where(ok).duplicated()
-        ref = reuse_or_score(rows, prev, "reference_reward", first, judge, text="reference")
+        reuse_or_score(rows, prev, "reference_reward", first, judge, scorers.judge, text="reference")
+        ref = rows["reference_reward"]
         rows["reference_reward"] = rows["id"].map(pd.Series(ref[first].to_numpy(), index=rows["id"][first])).where(ok)
-        if a.judge_model is not None:
-            rows["judge_reward"] = out_rewards
+        rows["reference_reward_scorer"] = _made_by(rows["reference_reward"], scorers.judge)
     lc = {}
     versus = a.reference.removeprefix("method:") if a.reference.startswith("method:") else None
     for method, g in rows[ok & (rows["method"] != versus)].groupby("method", sort=True):  # not against itself
@@ -131,7 +164,13 @@ def _alpaca(rows, prev, cfg, ok, scorer, judge, annotations_dir) -> dict:
         annotations_dir.mkdir(parents=True, exist_ok=True)
         ann.to_json(child_path(annotations_dir, f"{method}.json"), orient="records", indent=1)
         lc[method] = length_controlled_winrate(ann, a.glm_inputs)
+    if "preference" in rows.columns:
+        rows["preference_scorer"] = _made_by(rows["preference"], scorers.judge)
     return lc
+
+
+def _made_by(values: pd.Series, sid: str) -> pd.Series:
+    return pd.Series(sid, index=values.index).where(values.notna())
 
 
 def _references(rows: pd.DataFrame, source: str) -> tuple[pd.Series, pd.Series]:

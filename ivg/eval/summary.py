@@ -14,6 +14,8 @@ def summarize(rows: pd.DataFrame, lc: dict | None = None, level: float = 0.95) -
         if "gold_reward" in g.columns:
             s["gold_mean"], s["gold_ci_low"], s["gold_ci_high"] = t_interval(ok["gold_reward"].to_numpy(float), level)
             s["ci"] = f"t{int(level * 100)}"
+            if "gold_reward_scorer" in ok.columns:  # which gold model made these numbers
+                s["gold_scorer"] = ",".join(sorted(set(ok["gold_reward_scorer"].dropna()))) or None
         s.update({("n_annotated" if k == "n" else k): v for k, v in (lc or {}).get(method, {}).items()})
         s["mean_new_tokens"] = ok["n_new_tokens"].mean() if "n_new_tokens" in ok.columns else np.nan
         if "model_tokens" in ok.columns:

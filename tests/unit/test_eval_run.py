@@ -81,6 +81,52 @@ def test_evaluate_run_idempotent_with_report(tmp_path):
     assert pd.read_parquet(run / "summary.parquet").equals(s3)
 
 
+def test_a_changed_gold_model_rescores_instead_of_reusing_the_old_scores(tmp_path):
+    """The issue's repro: evaluate with VADER, then with another gold model. Scores are reused only
+    where the scorer that made them is the configured one, so the second evaluation equals a fresh one."""
+    df = eval_fakes.generate_rows(n=6, failed=1)
+    run, fresh = (eval_fakes.write_run(tmp_path / name, df) for name in ("run", "fresh"))
+    classifier = GoldSpec(str(eval_fakes.tiny_classifier(tmp_path / "clf")), "classifier")
+    evaluate_run(run, EvalConfig(gold=GoldSpec("vader", "vader")))
+    vader = pd.read_parquet(run / "evaluated" / "samples.parquet")["gold_reward"]
+
+    second = evaluate_run(run, EvalConfig(gold=classifier))
+    expected = evaluate_run(fresh, EvalConfig(gold=classifier))
+    pd.testing.assert_frame_equal(second, expected)
+    samples = pd.read_parquet(run / "evaluated" / "samples.parquet")
+    np.testing.assert_allclose(samples["gold_reward"], pd.read_parquet(fresh / "evaluated" / "samples.parquet")["gold_reward"])
+    assert not np.allclose(samples["gold_reward"].dropna(), vader.dropna())
+    # every score says who made it, and eval_config.json says what that id is
+    made = samples.loc[samples["status"] == "ok", "gold_reward_scorer"]
+    assert made.nunique() == 1 and samples.loc[samples["status"] == "failed", "gold_reward_scorer"].isna().all()
+    identity = json.loads((run / "evaluated" / "eval_config.json").read_text())["scorers"][made.iloc[0]]
+    assert identity["spec"]["name"] == classifier.name and identity["spec"]["kind"] == "classifier"
+    assert (second["gold_scorer"] == made.iloc[0]).all()
+
+
+def test_gold_weights_retrained_in_place_or_a_new_format_rescore_but_device_does_not(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    run = eval_fakes.write_run(tmp_path / "run", eval_fakes.generate_rows(n=4, failed=0))
+    folder = eval_fakes.tiny_classifier(tmp_path / "clf")
+    spec = GoldSpec(str(folder), "classifier")
+    scorer = CountingScorer()
+    evaluate_run(run, EvalConfig(gold=spec), scorer=scorer)
+    evaluate_run(run, EvalConfig(gold=GoldSpec(str(folder), "classifier", device="cpu", batch_size=3)), scorer=scorer)
+    assert len(scorer.calls) == 1  # speed-only settings: the same scores
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)  # new weights, same file sizes
+    model.save_pretrained(folder)
+    evaluate_run(run, EvalConfig(gold=spec), scorer=scorer)
+    assert len(scorer.calls) == 2 and len(scorer.calls[1]) == 8
+
+    evaluate_run(run, EvalConfig(gold=GoldSpec(str(folder), "classifier", format="{response}")), scorer=scorer)
+    assert len(scorer.calls) == 3 and len(scorer.calls[2]) == 8
+
+
 def test_evaluate_run_rejects_duplicate_rows(tmp_path):
     df = eval_fakes.generate_rows(n=3, failed=0)
     run = eval_fakes.write_run(tmp_path / "run", pd.concat([df, df.iloc[:1]]), shards=1)
