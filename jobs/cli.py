@@ -8,7 +8,7 @@ are parsed, so `--help` answers at once.
 
 The shared vocabulary: `--config FILE` and dotted `KEY=VALUE` overrides of any config field (typed by
 YAML, then checked by the same loader as the file: `decode.max_new_tokens=4`, `methods[1].W=2`,
-`decode.stop=['\\n']`, `data.id_column=null`), `--input`, `--output`, `--limit`, `--seed`,
+`decode.stop='["\\n"]'`, `data.id_column=null`), `--input`, `--output`, `--limit`, `--seed`,
 `--prompt-column`, `--id-column`, `--print-config` (the resolved config, then exit), `--dry-run`
 (check config, input and output; load no model), `--debug` (tracebacks). A user error (config,
 input, output, assets, a server that cannot start) is one line `error: ...` and exit status 2.

@@ -23,7 +23,7 @@ from ivg.train.config import ProbeConfig, TrainConfig
 from pipeline.io import OUTPUT_SCHEMA
 
 
-SOURCES = ("auto", "parquet", "jsonl", "hf")
+SOURCES = ("auto", "parquet", "csv", "json", "jsonl", "disk", "hf")  # pipeline/io.py:read_prompts
 PLACEMENTS = ("auto", "separate", "colocated")
 ROLES = ("base", "implicit", "explicit")
 
@@ -41,9 +41,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str | None = None  # Parquet / JSONL file or HF datasets id (overridden by --input)
-    source: str = "auto"  # auto: by file suffix (.parquet, .jsonl/.json), else an HF datasets id
-    split: str = "train"  # HF datasets only
+    path: str | None = None  # Parquet, CSV, JSON, JSONL, a save_to_disk folder or an HF dataset id (--input)
+    source: str = "auto"  # auto: by suffix (.parquet, .csv/.tsv, .json/.jsonl/.ndjson) or folder, else an HF id
+    split: str = "train"  # HF datasets and DatasetDict folders
     subset: str | None = None  # HF datasets config name
     id_column: str | None = "id"  # null: the row number becomes the id
     prompt_column: str = "prompt"

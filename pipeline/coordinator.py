@@ -97,10 +97,15 @@ def start_cluster(config: Config) -> Cluster:
     searchers = [ray.remote(SearchActor).options(name=f"ivg-search-{k}", **options).remote(
         gen, refs, f"search-{k}", config.data.columns, config.data.truncate, p.call_timeout_s)
         for k, refs in enumerate(refs_for)]
-    wait_started({f"model server {name}": h.info.remote() for named in servers.values() for name, h in named.items()},
-                 p.start_timeout_s)
-    wait_started({f"search actor {k}": s.ready.remote() for k, s in enumerate(searchers)}, p.start_timeout_s)
-    return Cluster({name: list(named.values()) for name, named in servers.items()}, searchers, placement)
+    cluster = Cluster({name: list(named.values()) for name, named in servers.items()}, searchers, placement)
+    try:
+        wait_started({f"model server {name}": h.info.remote() for named in servers.values() for name, h in named.items()},
+                     p.start_timeout_s)
+        wait_started({f"search actor ivg-search-{k}": s.ready.remote() for k, s in enumerate(searchers)}, p.start_timeout_s)
+    except BaseException:  # the others may be up: stop them, and free their names for the next run
+        stop_cluster(cluster)
+        raise
+    return cluster
 
 
 def plan_servers(p: PipelineConfig, roles: list[str], cluster_gpus: float) -> tuple[str, dict[str, ServerSpec]]:
@@ -388,12 +393,12 @@ class Progress:
     log, a file) the bar's numbers on each shard's line. The rate counts prompts computed since the
     servers were up (loading is a phase of its own; skipped shards cost nothing)."""
 
-    def __init__(self, total: int, log):
+    def __init__(self, total: int, log, live: bool | None = None, file=None):
         from tqdm import tqdm
 
-        self.log, self.total = log, total
-        self.live = log is print and sys.stderr.isatty()
-        self.bar = tqdm(total=total, unit=" prompts", desc="[generate]", file=sys.stderr, smoothing=0,
+        self.log, self.total, self.file = log, total, file or sys.stderr
+        self.live = log is print and self.file.isatty() if live is None else live
+        self.bar = tqdm(total=total, unit=" prompts", desc="[generate]", file=self.file, smoothing=0,
                         dynamic_ncols=True, disable=not self.live)
         self.n = self.initial = 0  # prompts accounted for; of those, skipped before the servers were up
         self.started = None
@@ -428,9 +433,9 @@ class Progress:
     def say(self, line: str, meter: bool = False) -> None:
         """A line above the bar; `meter`: a shard's line, which carries the bar's numbers off a terminal."""
         if self.live:
-            self.bar.write(f"[generate] {line}" if meter else line, file=sys.stderr)
+            self.bar.write(f"[generate] {line}" if meter else line, file=self.file)
         else:
-            self.log(f"[generate] {self.meter()} | {line}" if meter else line, file=sys.stderr, flush=True)
+            self.log(f"[generate] {self.meter()} | {line}" if meter else line, file=self.file, flush=True)
 
     def close(self) -> None:
         self.bar.close()

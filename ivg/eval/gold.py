@@ -266,9 +266,12 @@ def read_snippets(path) -> pd.DataFrame:
 @torch.no_grad()
 def embed(encoder, tokenizer, texts: list[str], batch_size: int, max_length: int) -> np.ndarray:
     """Mean-pooled last hidden states, (N, H). Batches are cut by length to waste little on padding."""
+    from tqdm import tqdm  # a dependency of transformers
+
     order = np.argsort([len(t) for t in texts])
     out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
-    for i in range(0, len(texts), batch_size):
+    # a live bar on a terminal (minutes under load), nothing in logs
+    for i in tqdm(range(0, len(texts), batch_size), desc="[gold] embedding snippets", unit="batch", disable=None):
         idx = order[i : i + batch_size]
         batch = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out[idx] = masked_mean(encoder(**batch).last_hidden_state, batch["attention_mask"]).numpy()
