@@ -71,9 +71,7 @@ def run(args) -> int:
               f"methods {sorted(rows['method'].unique())}", file=sys.stderr)
         return 0
     summary = evaluate_run(args.run, cfg)
-    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}  # NaN -> null
-            for r in summary.to_dict(orient="records")]
-    print(json.dumps(rows, default=str))
+    print(summary.to_json(orient="records"))  # NaN and NA as null
     return 0
 
 

@@ -357,8 +357,9 @@ class Scheduler:
     def finished(self, shard: Shard, result: ShardResult, attempt: int) -> None:
         if problem := self.missing_or_repeated(shard, result.table):
             return self.failed(shard, attempt, RuntimeError(f"shard {shard.id}: {problem}"))
-        digest = write_parquet_atomic(result.table, self.path(shard), {"ivg.shard": shard.id,
-                                                                       "ivg.fingerprint": self.config.fingerprint()})
+        digest = write_parquet_atomic(result.table, self.path(shard), {
+            "ivg.shard": shard.id, "ivg.fingerprint": self.config.fingerprint(),
+            "ivg.config": json.dumps(self.config.resolved())})  # each file says what made it
         self.counts["done"] += 1
         self.counts["prompts"] += len(shard.rows)
         self.progress.done(len(shard.rows))
