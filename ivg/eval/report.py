@@ -51,7 +51,7 @@ def shape_label(s: pd.Series) -> str:
 
 def figure(summary: pd.DataFrame, title: str):
     """Gold reward (mean, 95% CI) per method against model tokens per prompt and, where the rows have
-    wall times, against decode wall seconds per prompt; each point labelled with its method and W,K,L."""
+    wall times, against decode wall seconds per prompt; the legend names each method with its W,K,L."""
     walls = "wall_s" in summary.columns and summary["wall_s"].notna().any()
     fig, axes = plt.subplots(1, 2 if walls else 1, figsize=(11 if walls else 6, 4.2), sharey=True, squeeze=False)
     panels = [("model_tokens_total", "model tokens per prompt (all roles)")]
@@ -59,14 +59,17 @@ def figure(summary: pd.DataFrame, title: str):
         panels.append(("wall_per_prompt", "decode wall seconds per prompt"))
     data = summary.assign(wall_per_prompt=summary["wall_s"] / summary["n_ok"]) if walls else summary
     for ax, (x, label) in zip(axes[0], panels):
-        for _, s in data.iterrows():
+        for k, (_, s) in enumerate(data.iterrows()):
             err = [[s["gold_mean"] - s["gold_ci_low"]], [s["gold_ci_high"] - s["gold_mean"]]]
-            ax.errorbar(s[x], s["gold_mean"], yerr=err, fmt="o", capsize=4, label=shape_label(s))
-            ax.annotate(shape_label(s), (s[x], s["gold_mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.errorbar(s[x], s["gold_mean"], yerr=err, fmt="o", capsize=4, color=f"C{k % 10}", label=shape_label(s))
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold reward, mean and 95% CI")
-    axes[0][-1].legend(fontsize=8, title="method W,K,L", title_fontsize=8)
+    ncol = 3
+    rows = -(-len(data) // ncol)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, title="method W,K,L", title_fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.set_figheight(4.2 + 0.25 * rows)
+    fig.tight_layout(rect=(0, min(0.45, 0.06 + 0.055 * rows), 1, 1))
     return fig

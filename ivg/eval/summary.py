@@ -34,6 +34,12 @@ def summarize(rows: pd.DataFrame, lc: dict | None = None, level: float = 0.95, g
             s["tokens_per_s"] = ok["n_new_tokens"].sum() / s["wall_s"] if s["wall_s"] > 0 else np.nan
         out.append(s)
     df = pd.DataFrame(out)
+    # a role's token column wherever a method first has it: all of them together, before the total
+    roles = sorted(c for c in df.columns if c.startswith("model_tokens_") and c != "model_tokens_total")
+    if roles:
+        rest = [c for c in df.columns if c not in roles]
+        at = rest.index("model_tokens_total")
+        df = df[rest[:at] + roles + rest[at:]]
     for k in ("W", "K", "L"):  # integers, null where a method has none (L of Best-of-N)
         if k in df.columns:
             df[k] = df[k].astype("Int64")

@@ -297,5 +297,6 @@ def test_the_plot_has_a_title_the_gold_model_wkl_labels_and_a_wall_time_panel(tm
     assert fig._suptitle.get_text() == "run: gold reward (vader)"
     tokens, wall = fig.axes[:2]
     assert tokens.get_xlabel().startswith("model tokens") and wall.get_xlabel() == "decode wall seconds per prompt"
-    assert {t.get_text() for t in tokens.texts} == {"base 1,1,–", "ivg 2,2,6", "bon-4 1,4,–"}
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["base 1,1,–", "bon-4 1,4,–", "ivg 2,2,6"]
+    assert fig.legends[0].get_title().get_text() == "method W,K,L"
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG" and "# run: gold reward (vader)" in (run / "report.md").read_text()
