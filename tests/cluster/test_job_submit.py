@@ -70,5 +70,6 @@ def test_ray_job_submit_runs_the_smoke_config(head_node, tmp_path):
     assert table.schema.field("chunk_scores").type == pa.list_(pa.float64())
     assert (out / "manifest.json").exists() and (out / "config.yaml").exists()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    assert json.loads((out / "manifest.json").read_text())["runs"][-1]["git"]["revision"] == head
+    git = json.loads((out / "manifest.json").read_text())["runs"][-1]["git"]
+    assert (git["revision"], git["source"]) == (head, "IVG_GIT_REVISION")  # .rayignore: no .git in the upload
     assert processes_of(temp_dir)  # the cluster is still up: the fixture, not the job, stops it
