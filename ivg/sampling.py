@@ -16,6 +16,9 @@ from ivg.guidance import upcast
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The rule (ivg/reference.py writes it again): the first 8 bytes of sha256 of
+    f"{seed}\\x00{prompt_id}", read little-endian, mod 2**63, seed a torch.Generator; a step draws
+    torch.rand(rows of the prompt, dtype=float64) from it."""
     digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
 
@@ -54,13 +57,21 @@ class Stopper:
         # enough trailing tokens to contain any stop string, even with sub-character tokens
         self.window = max((len(s) for s in decode.stop), default=0) + 4
 
-    def done(self, tokens: list[int]) -> bool:
-        if len(tokens) >= self.decode.max_new_tokens or (tokens and tokens[-1] in self.eos_ids):
+    def done(self, tokens: list[int], max_new_tokens: int | None = None) -> bool:
+        """Ended (EOS, a stop string) or at max_new_tokens (this row's own limit when given)."""
+        if len(tokens) >= (max_new_tokens or self.decode.max_new_tokens) or (tokens and tokens[-1] in self.eos_ids):
             return True
         if self.decode.stop:
             tail = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=True)
             return any(s in tail for s in self.decode.stop)
         return False
+
+    def ended(self, tokens: list[int]) -> bool:
+        """The response ended by itself, on EOS or a stop string (not merely cut at max_new_tokens)."""
+        if tokens and tokens[-1] in self.eos_ids:
+            return True
+        tail = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=True) if self.decode.stop else ""
+        return any(s in tail for s in self.decode.stop)
 
     def text(self, tokens: list[int]) -> str:
         """The response: EOS dropped, cut before the first stop string."""

@@ -135,6 +135,20 @@ class Role:
             cuts.append(hi)
         return cuts
 
+    def room(self, prompts: list[str]) -> list[int | None]:
+        """Per prompt, the tokens left in the tightest context of this role's models after their own
+        view of it (max_new_tokens: auto); None if no model names a context, or the prompt is invalid
+        (`check` says why)."""
+        rooms = []
+        for p in prompts:
+            try:
+                left = [context_length(m.model.config) - len(prompt_ids(m, p)) for m in self.models
+                        if context_length(m.model.config)]
+            except ValueError:
+                left = []
+            rooms.append(min(left, default=None))
+        return rooms
+
     def fits(self, prompt: str, max_new_tokens: int) -> bool:
         try:
             return self.overflow(prompt, max_new_tokens) is None

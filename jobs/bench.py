@@ -257,8 +257,8 @@ def measure_family(family: str, work: Workload, device: str, threads: int, log) 
 
     out["speedup_vs_reference"] = None
     if work.reference_prompts:  # the test oracle: no caches at all, so a far slower yardstick
-        models, stopper = role_models(engine), engine.stopper
-        seconds = timed(lambda: [naive_search(models, row["id"], row["prompt"], METHOD, decode, stopper, 0)
+        models, eos = role_models(engine), engine.stopper.eos_ids
+        seconds = timed(lambda: [naive_search(models, row["id"], row["prompt"], METHOD, decode, eos, 0)
                                  for row in rows[:work.reference_prompts]])
         out["speedup_vs_reference"] = engine_pps / (work.reference_prompts / seconds)
 
