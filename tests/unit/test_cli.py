@@ -88,8 +88,9 @@ def test_an_override_creates_a_missing_section():
 
 @pytest.mark.parametrize("pair,message", [
     ("decode.max_new_tokenz=4", r"config.decode: unknown key\(s\) \['max_new_tokenz'\]"),
-    ("decode.max_new_tokens=four", r"config.decode.max_new_tokens: expected int, got 'four'"),
-    ("decode.max_new_tokens=0", r"decode.max_new_tokens: must be >= 1"),
+    ("decode.max_new_tokens=four", r"decode.max_new_tokens: must be an integer >= 1, or 'auto'"),
+    ("decode.temperature=hot", r"config.decode.temperature: expected a number, got 'hot'"),
+    ("decode.top_k=-1", r"decode.top_k: must be >= 0"),
     ("methods[1].W=2", r"methods\[1\].chunk: W\*K > 1 needs a chunk-level scorer"),
     ("methods[20].W=2", r"methods\[20\].W=2: methods is a list of 9, it has no \[20\]"),
     ("decode.max_new_tokens.x=1", r"decode.max_new_tokens is a int, not a mapping"),
