@@ -15,6 +15,7 @@ input, output, assets, a server that cannot start) is one line `error: ...` and 
 """
 
 import argparse
+import contextlib
 import copy
 import importlib
 import re
@@ -69,15 +70,11 @@ def _version() -> str:
 
 # ---------------------------------------------------------------- the shared flags
 
-class Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """A job's parser: its module docstring as the description (first line) and epilog (the rest)."""
     first, _, rest = doc.strip().partition("\n")
     p = argparse.ArgumentParser(prog=prog, description=first, epilog=rest.strip("\n") or None,
-                                formatter_class=Formatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     return p
 
@@ -207,30 +204,23 @@ def guarded(args, job) -> int:
         return 2
 
 
-class ray_session:
-    """`with ray_session(args):` joins --address / $RAY_ADDRESS, else starts an embedded Ray of its
-    own (never some other cluster found on this machine), and shuts it down after."""
+@contextlib.contextmanager
+def ray_session(args):
+    """Joins --address / $RAY_ADDRESS, else starts an embedded Ray of this process's own (never some
+    other cluster found on this machine); shuts it down after."""
+    import os
 
-    def __init__(self, args):
-        self.args = args
+    import ray
 
-    def __enter__(self):
-        import os
-
-        import ray
-
-        address = getattr(self.args, "address", None) or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=getattr(self.args, "num_cpus", None), include_dashboard=False)
-        return self
-
-    def __exit__(self, *exc):
-        import ray
-
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=getattr(args, "num_cpus", None), include_dashboard=False)
+    try:
+        yield
+    finally:
         ray.shutdown()
-        return False
 
 
 if __name__ == "__main__":

@@ -66,9 +66,9 @@ def run(args) -> int:
     from pipeline.evaluate import evaluate_run, read_shards
 
     if args.dry_run:
-        rows = read_shards(Path(args.run))
+        rows = read_shards(Path(args.run)).select(["method", "status"]).to_pandas()
         print(f"[check] {args.run}: {len(rows)} rows ({int((rows['status'] == 'failed').sum())} failed), "
-              f"methods {sorted(rows['method'].unique())}", file=sys.stderr)
+              f"methods {sorted(rows['method'].unique())}; gold {cfg.gold.name if cfg.gold else None}", file=sys.stderr)
         return 0
     summary = evaluate_run(args.run, cfg)
     print(summary.to_json(orient="records"))  # NaN and NA as null
@@ -82,6 +82,10 @@ def eval_config(args):
     from ivg.eval.config import EvalConfig
     from pipeline.config import read_yaml
 
+    pairs = [cli.parse_override(text) for text in args.overrides]
+    for key, _, text in pairs:
+        if not key.startswith("eval."):
+            raise ConfigError(f"{text}: ivg evaluate reads only the eval: section (e.g. eval.gold.name=vader)")
     own = Path(args.run) / "config.yaml"
     if args.config:
         data = read_yaml(args.config)
@@ -91,10 +95,6 @@ def eval_config(args):
         print(f"[evaluate] eval config: {own}", file=sys.stderr)
     else:
         data = {"eval": DEFAULT}
-    pairs = [cli.parse_override(text) for text in args.overrides]
-    for key, _, text in pairs:
-        if not key.startswith("eval."):
-            raise ConfigError(f"{text}: ivg evaluate reads only the eval: section (e.g. eval.gold.name=vader)")
     if args.glm_inputs:
         pairs.append(("eval.alpaca.glm_inputs", args.glm_inputs, "--glm-inputs"))
         if not (data.get("eval") or {}).get("alpaca"):

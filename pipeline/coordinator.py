@@ -139,7 +139,7 @@ def wait_started(refs: dict, timeout_s: float) -> None:
     for name, ref in refs.items():
         if ref in pending:
             raise StartError(f"{name} did not start within pipeline.start_timeout_s={timeout_s:g}s; does the "
-                               f"cluster have the resources it asks for (pipeline.servers, search_cpus)?")
+                             f"cluster have the resources it asks for (pipeline.servers, search_cpus)?")
         try:
             ray.get(ref)
         except ray.exceptions.RayActorError as e:

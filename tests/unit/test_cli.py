@@ -220,3 +220,22 @@ def test_prompt_and_id_column_flags_pick_the_input_columns(tmp_path, capsys, no_
     assert ivg("generate", "--config", str(SMOKE), "--input", str(tmp_path / "t.csv"), "--prompt-column", "text",
                "--id-column", "null", "data.columns=[]", "--output", str(tmp_path / "out"), "--dry-run") == 0
     assert "2 prompts in 1 shards" in capsys.readouterr().err
+
+
+def test_evaluate_uses_the_runs_own_eval_section_and_checks_without_scoring(tmp_path, capsys):
+    from helpers import eval_fakes
+
+    run = eval_fakes.write_run(tmp_path / "run", eval_fakes.generate_rows(n=3, failed=1))
+    (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"gold": {"name": "vader", "kind": "vader"}}}))
+    assert ivg("evaluate", "--run", str(run), "--print-config", "eval.gold.format='{response}'") == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["eval"]["gold"]
+    assert (printed["kind"], printed["format"]) == ("vader", "{response}")
+    assert ivg("evaluate", "--run", str(run), "--dry-run") == 0
+    assert "6 rows (2 failed), methods ['base', 'ivg']; gold vader" in capsys.readouterr().err
+    assert not (run / "evaluated").exists()
+    assert "reads only the eval: section" in user_error(capsys, "evaluate", "--run", str(run), "decode.top_k=3")
+
+
+def test_a_config_that_trains_its_guides_first_says_to_use_run(tmp_path, capsys, no_ray):
+    config = ROOT / "jobs" / "configs" / "sentiment-default.yaml"
+    assert "run it with" in user_error(capsys, "generate", "--config", str(config), "--output", str(tmp_path / "o"))
