@@ -93,9 +93,7 @@ def check(planned, out: Path) -> None:
         print(f"[check] assets to fetch first: {', '.join(missing)}", file=sys.stderr)
     else:
         rows = read_prompt_table(experiment.prompts, "experiment.prompts")
-        n = experiment.prompts.n if experiment.prompts.n is not None else len(rows) - experiment.prompts.train_n
-        require(experiment.prompts.train_n + n <= len(rows), "experiment.prompts.n",
-                f"train_n + n = {experiment.prompts.train_n + n} > {len(rows)} prompts")
+        n = evaluated(experiment.prompts, rows)
         print(f"[check] {experiment.prompts.path}: {len(rows)} usable rows: {experiment.prompts.train_n} for "
               f"training, {n} evaluated", file=sys.stderr)
     print(f"[check] {len(planned.methods)} methods -> {out}", file=sys.stderr, flush=True)
@@ -122,13 +120,19 @@ def read_prompt_table(spec, where: str) -> list[tuple[str, str]]:
     return rows
 
 
-def make_prompts(spec, out: Path) -> tuple[Path, list[str]]:
-    """Evaluation prompts (a JSONL with id, prompt) and a disjoint list of training prompts."""
+def evaluated(spec, rows: list) -> int:
+    """How many prompts are evaluated: spec.n, or all the training ones leave."""
     from ivg.config import check as require
 
-    rows = read_prompt_table(spec, "experiment.prompts")
     n = spec.n if spec.n is not None else len(rows) - spec.train_n
     require(spec.train_n + n <= len(rows), "experiment.prompts.n", f"train_n + n = {spec.train_n + n} > {len(rows)} prompts")
+    return n
+
+
+def make_prompts(spec, out: Path) -> tuple[Path, list[str]]:
+    """Evaluation prompts (a JSONL with id, prompt) and a disjoint list of training prompts."""
+    rows = read_prompt_table(spec, "experiment.prompts")
+    n = evaluated(spec, rows)
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
     with open(prompts, "w") as f:

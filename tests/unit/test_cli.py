@@ -239,3 +239,18 @@ def test_evaluate_uses_the_runs_own_eval_section_and_checks_without_scoring(tmp_
 def test_a_config_that_trains_its_guides_first_says_to_use_run(tmp_path, capsys, no_ray):
     config = ROOT / "jobs" / "configs" / "sentiment-default.yaml"
     assert "run it with" in user_error(capsys, "generate", "--config", str(config), "--output", str(tmp_path / "o"))
+
+
+def test_run_dry_run_checks_the_prompt_table_and_trains_nothing(tmp_path, capsys, no_ray):
+    import pandas as pd
+
+    pd.DataFrame({"id": [f"s{i}" for i in range(10)], "text": [f"the film number {i} was fine" for i in range(10)]}
+                 ).to_parquet(tmp_path / "t.parquet")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "experiment": {"prompts": {"path": str(tmp_path / "t.parquet"), "column": "text", "train_n": 4, "n": 5}},
+        "models": {"base": {"name": "tiny:base"}}, "eval": {"gold": {"name": "vader", "kind": "vader"}}}))
+    assert ivg("run", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out"), "--dry-run") == 0
+    assert "10 usable rows: 4 for training, 5 evaluated" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert "experiment.prompts.n: train_n + n = 12 > 10 prompts" in user_error(
+        capsys, "run", "--config", str(tmp_path / "c.yaml"), "--dry-run", "experiment.prompts.n=8")
