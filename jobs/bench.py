@@ -301,6 +301,14 @@ def measure_family(family: str, work: Workload, device: str, threads: int, log) 
     return out
 
 
+def sized(cfg, prompts: int):
+    """What preflight would find for `prompts` input rows (the bench's runs write to temp folders and
+    need no other check): the Scheduler's totals."""
+    from pipeline.coordinator import Checked
+
+    return Checked(prompts, -(-prompts // cfg.pipeline.shard_size), fresh=True, capacity=True)
+
+
 def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, threads: int, run_engine,
                      log) -> dict:
     """The pipeline on this node: colocated model server, search actors. Its steady state is timed
@@ -330,7 +338,7 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
         out = Path(tempfile.mkdtemp(dir=tmp))
         (out / "shards").mkdir()
         manifest = Manifest.open(out / "manifest.json", cfg.resolved(), cfg.fingerprint())
-        scheduler = Scheduler(cfg, manifest, out, log=lambda *a, **k: None)
+        scheduler = Scheduler(cfg, manifest, out, log=lambda *a, **k: None, checked=sized(cfg, len(rows)))
         scheduler.cluster = cluster
         return timed(scheduler.run)
 
@@ -461,7 +469,7 @@ def measure_cluster(threads: int, log) -> dict:
         out = Path(tempfile.mkdtemp(dir=tmp))
         (out / "shards").mkdir()
         scheduler = Scheduler(cfg, Manifest.open(out / "manifest.json", cfg.resolved(), cfg.fingerprint()), out,
-                              log=lambda *a, **k: None)
+                              log=lambda *a, **k: None, checked=sized(cfg, CLUSTER_PROMPTS))
         scheduler.cluster = cluster
         seconds = timed(scheduler.run)
         assert scheduler.counts["done"] == CLUSTER_PROMPTS // CLUSTER_SHARD, scheduler.counts
@@ -482,7 +490,7 @@ def measure_cluster(threads: int, log) -> dict:
                 try:
                     timed_run(config(replicas, 4), full)  # warm-up: first calls, lazy initialisation
                     for actors in counts:
-                        cluster = Cluster(full.servers, full.searchers[:actors], full.placement)
+                        cluster = dataclasses.replace(full, searchers=full.searchers[:actors])
                         steps_before = sum(s.get("next_requests", 0) for name, s in server_stats(full).items()
                                            if name.startswith("base"))
                         ends, before = endpoint_nodes(loopback), tcp_received()

@@ -12,8 +12,10 @@ prompt of its shard. For each model the server holds:
 with tokens >= 2 (a prompt token and the first sampled one; a row may stop there), or >=
 max_new_tokens + 1 when decoding cannot stop early (no stop strings, stop_at_eos off, a number). At the
 first step every row is alive, so every term is a lower bound: a shape refused here cannot fit,
-and a shape accepted may still not (long prompts, long responses). The memory
-of a CPU server is its node's (Ray's `memory` resource: what the node lets tasks use). A GPU
+and a shape accepted may still not (long prompts, long responses). The servers and their resources
+are PipelineConfig.plan's for the nodes' GPUs, as the run will start them. The memory of a CPU server
+is its node's (Ray's `memory` resource: what the node lets tasks use; before a local run's Ray
+starts, this machine's available memory, which is more). A GPU
 server's device memory is not known before the actor runs on its node, so GPU servers are not
 checked here (their weights are checked as they load, ivg.models.check_memory).
 """
@@ -28,7 +30,7 @@ from ivg.config import ConfigError, ModelSpec
 from ivg.engine import needed_roles
 from ivg.models import resolve_dtype, source
 from ivg.tiny import is_tiny, tiny_model
-from pipeline.config import Config
+from pipeline.config import Config, ServerSpec
 
 ROLE_MODELS = {"base": ("base",), "implicit": ("tuned", "untuned"), "explicit": ("explicit",)}
 
@@ -83,17 +85,15 @@ def model_shape(spec: ModelSpec, gpu: bool) -> ModelShape:
                       params, torch.tensor([], dtype=dtype).element_size())
 
 
-def needs(config: Config, placement: str) -> list[Need]:
-    """One Need per server of `placement` (separate | colocated)."""
+def needs(config: Config, specs: dict[str, ServerSpec]) -> list[Need]:
+    """One Need per server of `specs` (server name -> its resources, PipelineConfig.plan's)."""
     gen, p = config.generation, config.pipeline
-    roles = needed_roles(gen)
-    groups = {"colocated": roles} if placement == "colocated" else {r: [r] for r in roles}
     d = gen.decode
     fixed = not d.stop and not d.stop_at_eos and isinstance(d.max_new_tokens, int)  # not "auto": unknown here
     tokens = d.max_new_tokens + 1 if fixed else 2
     out = []
-    for server, served in groups.items():
-        spec = getattr(p.servers, server)
+    for server, spec in specs.items():
+        served = needed_roles(gen) if server == "colocated" else [server]
         gpu = spec.num_gpus > 0
         searches = math.ceil(p.search_actors / spec.replicas)
         prompts = config.pipeline.shard_size
@@ -119,13 +119,11 @@ def check_capacity(config: Config, nodes: list[dict], prompts: int | None = None
     `nodes`: ray.nodes(); `prompts`: the input's prompt count when known (a shard holds no more)."""
     alive = [n["Resources"] for n in nodes if n.get("Alive")]
     p = config.pipeline
-    placement = p.placement
-    if placement == "auto":  # as start_cluster decides it
-        placement = "separate" if any(r.get("GPU", 0) > 0 for r in alive) else "colocated"
+    _, specs = p.plan(needed_roles(config.generation), sum(r.get("GPU", 0) for r in alive))  # as the run will start
     if prompts is not None and prompts < p.shard_size:  # the shape of the largest shard that will exist
         config = dataclasses.replace(config, pipeline=dataclasses.replace(p, shard_size=prompts))
-    for need in needs(config, placement):
-        spec = getattr(p.servers, need.server)
+    for need in needs(config, specs):
+        spec = specs[need.server]
         if spec.num_gpus > 0:
             continue
         memory = max((r.get("memory", 0) for r in alive if fits(spec.demand(), r)), default=None)

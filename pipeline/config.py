@@ -24,7 +24,7 @@ from ivg.train.config import ProbeConfig, TrainConfig
 from pipeline.io import OUTPUT_SCHEMA
 
 
-SOURCES = ("auto", "parquet", "jsonl", "hf")
+SOURCES = ("auto", "parquet", "csv", "json", "jsonl", "disk", "hf")  # pipeline/io.py:read_prompts
 PLACEMENTS = ("auto", "separate", "colocated")
 ROLES = ("base", "implicit", "explicit")
 
@@ -42,9 +42,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str | None = None  # Parquet / JSONL file or HF datasets id (overridden by --input)
-    source: str = "auto"  # auto: by file suffix (.parquet, .jsonl/.json), else an HF datasets id
-    split: str = "train"  # HF datasets only
+    path: str | None = None  # Parquet, CSV, JSON, JSONL, a save_to_disk folder or an HF dataset id (--input)
+    source: str = "auto"  # auto: by suffix (.parquet, .csv/.tsv, .json/.jsonl/.ndjson) or folder, else an HF id
+    split: str = "train"  # HF datasets and DatasetDict folders
     subset: str | None = None  # HF datasets config name
     id_column: str | None = "id"  # null: the row number becomes the id
     prompt_column: str = "prompt"
@@ -75,16 +75,18 @@ class ServerSpec:
     """Ray resources of one model-server actor (and how many copies of it)."""
 
     num_cpus: float = 0.5
-    num_gpus: float = 0.0
+    # None: one GPU per server on a cluster that has GPUs (PipelineConfig.plan), else 0
+    num_gpus: float | None = None
     replicas: int = 1  # search actors are spread over replicas; a session stays on one
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources, e.g. {gpu_base: 1}
     torch_threads: int = 1  # intra-op threads; keep cpus * threads <= cores
 
     def validate(self, where: str) -> None:
         check_quantity(self.num_cpus, f"{where}.num_cpus")
-        check_quantity(self.num_gpus, f"{where}.num_gpus")
-        check(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus), f"{where}.num_gpus",
-              f"{self.num_gpus:g}: more than one GPU must be a whole number (Ray's rule)")
+        if self.num_gpus is not None:  # null: PipelineConfig.plan decides from the cluster's GPUs
+            check_quantity(self.num_gpus, f"{where}.num_gpus")
+            check(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus), f"{where}.num_gpus",
+                  f"{self.num_gpus:g}: more than one GPU must be a whole number (Ray's rule)")
         for name, quantity in self.resources.items():
             check(name not in ("CPU", "GPU"), f"{where}.resources.{name}", "use num_cpus / num_gpus instead")
             check(name not in RAY_RESERVED, f"{where}.resources", f"{name!r} is not a custom resource name")
@@ -93,7 +95,8 @@ class ServerSpec:
         check(self.torch_threads >= 1, f"{where}.torch_threads", "must be >= 1")
 
     def demand(self) -> dict[str, float]:
-        """What one replica asks Ray for, as node resources ({CPU, GPU, custom...})."""
+        """What one replica asks Ray for, as node resources ({CPU, GPU, custom...}); of a spec as
+        PipelineConfig.plan resolved it for a cluster (num_gpus set)."""
         need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
         return {k: v for k, v in need.items() if v > 0}
 
@@ -157,6 +160,21 @@ class PipelineConfig:
     @property
     def in_flight(self) -> int:
         return self.max_in_flight or 2 * self.search_actors
+
+    def plan(self, roles: list[str], cluster_gpus: float) -> tuple[str, dict[str, ServerSpec]]:
+        """The placement and each server's resources on a cluster with `cluster_gpus` GPUs. `placement:
+        auto` is an actor per role when the cluster has a GPU for each of them, else one actor for all;
+        a server whose num_gpus is unset (null) gets one GPU when the cluster has any, else none."""
+        def gpus(spec: ServerSpec) -> ServerSpec:
+            auto = 1.0 if cluster_gpus > 0 else 0.0
+            return dataclasses.replace(spec, num_gpus=auto if spec.num_gpus is None else spec.num_gpus)
+
+        separate = {r: gpus(getattr(self.servers, r)) for r in roles}
+        placement = self.placement
+        if placement == "auto":
+            wanted = sum(s.num_gpus * s.replicas for s in separate.values())
+            placement = "separate" if cluster_gpus > 0 and wanted <= cluster_gpus else "colocated"
+        return placement, {"colocated": gpus(self.servers.colocated)} if placement == "colocated" else separate
 
 
 @dataclass(frozen=True)

@@ -146,10 +146,12 @@ NODE = {"Alive": True, "Resources": {"CPU": 2.0, "memory": 8 * 2**30}}
 
 
 def test_a_search_shape_beyond_the_nodes_memory_is_refused_naming_the_field(tmp_path):
+    from ivg.engine import needed_roles
     from pipeline.capacity import check_capacity, needs
 
     config = capacity_config(tmp_path, 10_000, 10_000, 16, 16)
-    [need] = needs(config, "colocated")
+    [need] = needs(config, config.pipeline.plan(needed_roles(config.generation), cluster_gpus=0)[1])
+    assert need.server == "colocated"
     assert need.rows == 2 * 10_000 * 256  # two search actors' shards merged on one server
     with pytest.raises(ConfigError, match=r"^pipeline.shard_size: model server colocated needs at least [\d.]+ GiB "
                                           r"for 5120000 rows .* the largest node that can hold it has 8.0 GiB") as e:
