@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ivg.cache import cache_kwargs
 from ivg.guidance import explicit_value, implicit_value, upcast
 from ivg.models import LoadedModel, pad_id, prompt_ids, same_vocab
 from ivg.stream import Stream
@@ -31,8 +32,8 @@ from ivg.stream import Stream
 
 def lm_forward(model):
     def forward(ids, mask, pos, cache, keep_all):
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                     use_cache=True, logits_to_keep=0 if keep_all else 1).logits
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                     logits_to_keep=0 if keep_all else 1, **cache_kwargs(model, cache)).logits
     return forward
 
 
@@ -41,8 +42,8 @@ def body_forward(model):
     body = model.base_model
 
     def forward(ids, mask, pos, cache, keep_all):
-        hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                      use_cache=True).last_hidden_state
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                      **cache_kwargs(body, cache)).last_hidden_state
         return hidden if keep_all else hidden[:, -1:]
     return forward
 
