@@ -8,19 +8,35 @@ import time
 
 from ivg.config import TRUNCATE, ConfigError, GenerationConfig, MethodConfig, check
 from ivg.models import load, load_tokenizer, same_vocab
+from ivg.protocol import Check, Cut, Sample
 from ivg.sampling import Stopper
 from ivg.search import search
 from ivg.values import BaseRole, ImplicitRole, explicit_role
 
 
 class LocalRoles:
-    """Roles in this process; `call` runs one method per role, one after another."""
+    """Roles in this process; `call` answers one message per role (ivg/protocol.py), one after another:
+    a Sample last, handed the v(s, .) tensor of the Step it names (which the caller does not get)."""
 
     def __init__(self, roles: dict):
         self.roles = roles
 
-    def call(self, calls: dict) -> dict:
-        return {name: getattr(self.roles[name], method)(*args) for name, (method, args) in calls.items()}
+    def call(self, messages: dict) -> dict:
+        return answer(self.roles, messages)
+
+
+def answer(roles: dict, messages: dict, value_of=None) -> dict:
+    """{role: message} -> {role: result} by roles in this process. A Sample takes its value from the Step
+    of the role it names in the same call, or, if that role is not in the call, `value_of(sample)`."""
+    out = {name: roles[name].handle(m) for name, m in messages.items() if not isinstance(m, Sample)}
+    for name, m in messages.items():
+        if isinstance(m, Sample):
+            if m.value_from in messages:
+                value, out[m.value_from] = out[m.value_from], None
+            else:
+                value = value_of(m) if m.value_from else None
+            out[name] = roles[name].handle(m, value)
+    return out
 
 
 def check_vocabularies(config: GenerationConfig, tokenizers: dict) -> None:
@@ -94,11 +110,12 @@ class Engine:
         max_new = self.config.decode.max_new_tokens
         cuts = [0] * len(rows)
         if self.truncate == "left":  # the longest cut any role needs fits them all
-            needed = self.roles.call({r: ("cut", (prompts, max_new)) for r in used})
-            cuts = [max(c[i] for c in needed.values()) for i in range(len(rows))]
+            needed = self.roles.call({r: Cut(tuple(prompts), max_new) for r in used})
+            cuts = [max(c.chars[i] for c in needed.values()) for i in range(len(rows))]
             prompts = [p[k:] for p, k in zip(prompts, cuts)]
-        checks = self.roles.call({r: ("check", (prompts, max_new)) for r in used})
-        errors = [next((f"{r}: {c[i]}" for r, c in sorted(checks.items()) if c[i]), None) for i in range(len(rows))]
+        checks = self.roles.call({r: Check(tuple(prompts), max_new) for r in used})
+        errors = [next((f"{r}: {c.errors[i]}" for r, c in sorted(checks.items()) if c.errors[i]), None)
+                  for i in range(len(rows))]
         ok = [i for i, e in enumerate(errors) if e is None]
         start = time.perf_counter()
         outputs = search([str(rows[i]["id"]) for i in ok], [prompts[i] for i in ok], method,
