@@ -8,7 +8,7 @@ import time
 
 from ivg.config import TRUNCATE, ConfigError, GenerationConfig, MethodConfig, check
 from ivg.models import load, load_tokenizer, same_vocab
-from ivg.protocol import Check, Cut, Sample
+from ivg.protocol import Check, Close, Cut, Open, Sample
 from ivg.sampling import Stopper
 from ivg.search import search
 from ivg.values import BaseRole, ImplicitRole, explicit_role
@@ -20,9 +20,24 @@ class LocalRoles:
 
     def __init__(self, roles: dict):
         self.roles = roles
+        self.open_sessions: set[str] = set()  # to drop if a search fails midway
 
     def call(self, messages: dict) -> dict:
-        return answer(self.roles, messages)
+        for m in messages.values():
+            if isinstance(m, Open):
+                self.open_sessions.add(m.sid)
+        out = answer(self.roles, messages)
+        for m in messages.values():
+            if isinstance(m, Close):
+                self.open_sessions.discard(m.sid)
+        return out
+
+    def drop_open_sessions(self) -> None:
+        """After a failed search: forget its sessions (their caches would otherwise stay)."""
+        for role in self.roles.values():
+            for sid in self.open_sessions:
+                role.sessions.pop(sid, None)
+        self.open_sessions = set()
 
 
 def answer(roles: dict, messages: dict, value_of=None) -> dict:

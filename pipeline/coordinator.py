@@ -49,12 +49,17 @@ class RunSummary:
 @dataclass(frozen=True)
 class Cluster:
     servers: dict[str, list]  # server name ("base", "colocated", ...) -> replica handles
-    searchers: list  # SearchActor handles
+    searchers: list  # what runs a shard: SearchActor handles (separate), model servers (colocated)
     placement: str
 
 
 def start_cluster(config: Config) -> Cluster:
-    """Model servers and search actors, all starting at once (each imports torch: seconds)."""
+    """Model servers and search actors, all starting at once (each imports torch: seconds).
+
+    colocated: one server holds every role and runs the searches itself (no Ray call per token);
+    `search_actors` is how many shards it takes at once (searcher k is replica k % replicas), and the
+    shards it holds run as one batch. separate: a server per role, and `search_actors` SearchActors,
+    searcher k using replica k % replicas of every server, so its sessions stay on one replica."""
     p, gen = config.pipeline, config.generation
     placement = p.placement
     if placement == "auto":
@@ -67,15 +72,18 @@ def start_cluster(config: Config) -> Cluster:
         actor = ray.remote(ModelServer).options(
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=spec.resources or None,
             max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
-        servers[name] = [actor.remote(gen, served, p.batch_window_ms, spec.torch_threads)
-                         for _ in range(spec.replicas)]
-    # search actor k uses replica k % replicas of every server: its sessions stay on one replica
-    refs_for = [[ServerRef(handles[k % len(handles)], tuple(groups[name])) for name, handles in servers.items()]
-                for k in range(p.search_actors)]
-    actor = ray.remote(SearchActor).options(num_cpus=p.search_cpus, max_restarts=p.max_restarts,
-                                            max_task_retries=p.max_task_retries)
-    searchers = [actor.remote(gen, refs, f"search-{k}", config.data.columns, config.data.truncate, p.call_timeout_s)
-                 for k, refs in enumerate(refs_for)]
+        slots = math.ceil(p.search_actors / spec.replicas)
+        servers[name] = [actor.remote(gen, served, p.batch_window_ms, spec.torch_threads, slots, config.data.columns,
+                                      config.data.truncate) for _ in range(spec.replicas)]
+    if placement == "colocated":
+        searchers = [servers["colocated"][k % len(servers["colocated"])] for k in range(p.search_actors)]
+    else:
+        refs_for = [[ServerRef(handles[k % len(handles)], tuple(groups[name])) for name, handles in servers.items()]
+                    for k in range(p.search_actors)]
+        actor = ray.remote(SearchActor).options(num_cpus=p.search_cpus, max_restarts=p.max_restarts,
+                                                max_task_retries=p.max_task_retries)
+        searchers = [actor.remote(gen, refs, f"search-{k}", config.data.columns, config.data.truncate,
+                                  p.call_timeout_s) for k, refs in enumerate(refs_for)]
     wait_started({f"model server {name}[{i}]": h.info.remote() for name, hs in servers.items()
                   for i, h in enumerate(hs)}, p.start_timeout_s)
     wait_started({f"search actor {k}": s.ready.remote() for k, s in enumerate(searchers)}, p.start_timeout_s)
@@ -98,7 +106,7 @@ def wait_started(refs: dict, timeout_s: float) -> None:
 
 
 def stop_cluster(cluster: Cluster) -> None:
-    for handle in cluster.searchers + [h for hs in cluster.servers.values() for h in hs]:
+    for handle in {id(h): h for h in cluster.searchers + [h for hs in cluster.servers.values() for h in hs]}.values():
         ray.kill(handle)
 
 
