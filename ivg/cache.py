@@ -27,6 +27,14 @@ class InPlaceLayer(DynamicLayer):
     """One layer's keys and values: `store_*` (B, H, capacity, D), of which the first `length` columns
     are in use; `keys` / `values` are views of those columns (what attention reads)."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # storage this layer allocated (its store is a prefix of its rows) and the one it used before:
+        # `select` gathers into the spare and keeps the old one, so that forking every chunk does not
+        # allocate (on CPU, first touching fresh pages costs more than the gather itself)
+        self.own: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.spare: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.store_k = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]))
@@ -51,6 +59,7 @@ class InPlaceLayer(DynamicLayer):
         k[:, :, :self.length] = self.keys
         v[:, :, :self.length] = self.values
         self.store_k, self.store_v = k, v
+        self.own, self.spare = (k, v), None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -68,12 +77,17 @@ class InPlaceLayer(DynamicLayer):
         return self.length if self.is_initialized else 0
 
     def select(self, index: torch.Tensor) -> None:
-        """Row j becomes old row index[j]: one gather of the columns in use, into fresh storage."""
-        k = self.store_k.new_empty((len(index), *self.store_k.shape[1:]))
-        v = self.store_v.new_empty((len(index), *self.store_v.shape[1:]))
+        """Row j becomes old row index[j]: one gather of the columns in use, into the spare storage
+        (or fresh storage if it is too small)."""
+        n, shape_k, shape_v = len(index), self.store_k.shape[1:], self.store_v.shape[1:]
+        spare = self.spare
+        if spare is None or spare[0].shape[0] < n or spare[0].shape[1:] != shape_k or spare[1].shape[1:] != shape_v:
+            spare = (self.store_k.new_empty((n, *shape_k)), self.store_v.new_empty((n, *shape_v)))
+        k, v = spare[0][:n], spare[1][:n]
         torch.index_select(self.keys, 0, index, out=k[:, :, :self.length])
         torch.index_select(self.values, 0, index, out=v[:, :, :self.length])
-        self.store_k, self.store_v = k, v
+        self.spare = self.own  # storage a view of someone else's (a merged batch) is never reused
+        self.own, self.store_k, self.store_v = spare, k, v
         self._views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
