@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ivg.config import ModelSpec
-from ivg.tiny import is_tiny, tiny_model, tiny_tokenizer
+from ivg.tiny import is_tiny, tiny_model, tokenizer_for
 
 
 @dataclass
@@ -80,7 +80,7 @@ def source(spec: ModelSpec) -> tuple[str, dict]:
 def load_tokenizer(spec: ModelSpec):
     """Just the tokenizer: enough to validate vocabularies before any weights are loaded."""
     if is_tiny(spec.name):
-        return tiny_tokenizer(spec.name.split(":", 1)[0])
+        return tokenizer_for(spec.name)
     name, kwargs = source(spec)
     tok = AutoTokenizer.from_pretrained(name, **kwargs)
     if tok.pad_token_id is None:
@@ -100,7 +100,7 @@ def load(spec: ModelSpec, allow_pickle: bool = False) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     if is_tiny(spec.name):
-        model, tok = tiny_model(spec.name, spec.kind, dtype=dtype)
+        model, tok = tiny_model(spec.name, spec.kind, dtype=dtype, device=device)
         return LoadedModel(spec, model.to(device), tok)
     name, kwargs = source(spec)
     cls = AutoModelForSequenceClassification if spec.kind == "classifier" else AutoModelForCausalLM
