@@ -104,6 +104,11 @@ class ModelServer:
         return {**self.counts, "sessions_per_forward": dict(self.sessions_per_forward),
                 "open_sessions": open_sessions}
 
+    def reset_stats(self) -> None:
+        """Start counting afresh (a benchmark's warm-up is not its measurement)."""
+        self.counts.clear()
+        self.sessions_per_forward.clear()
+
     # ------------------------------------------------------------ colocated: searches run here
 
     @ray.method(max_task_retries=0)  # a shard lost with this actor is the coordinator's to retry (and count)
