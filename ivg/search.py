@@ -134,13 +134,13 @@ class Search:
             if self.token_role:
                 messages[self.token_role] = Step(self.sid, pending.numpy())
             sampled = self.roles.call(messages)["base"]
-            tokens = torch.from_numpy(sampled.tokens).to(torch.long)
+            tokens = torch.tensor(sampled.tokens, dtype=torch.long)
             new[:, step] = torch.where(live, tokens, -1)
             length += live.to(torch.long)
             if self.token_role == "implicit":
-                log_ratio[live] += torch.from_numpy(sampled.value)[live]
+                log_ratio[live] += torch.tensor(sampled.value, dtype=torch.float64)[live]
             elif self.token_role == "explicit":
-                last_q[live] = torch.from_numpy(sampled.value)[live]
+                last_q[live] = torch.tensor(sampled.value, dtype=torch.float64)[live]
             done = done | (live & self.stopper.stops(tokens, length, history))
             pending = torch.where(live & ~done, tokens, -1)
         chunk = [[t for t in row if t >= 0] for row in new.tolist()]

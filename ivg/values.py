@@ -129,7 +129,7 @@ class Role:
 
     def step(self, m: Step) -> torch.Tensor:
         """Feed the newest tokens; returns v(s, .) (rows, V) of a token-wise value role."""
-        tokens = torch.from_numpy(np.asarray(m.tokens, dtype=np.int64))
+        tokens = torch.tensor(m.tokens, dtype=torch.long)
         session = self.sessions[m.sid]
         for stream in session.streams:
             stream.step(tokens)
@@ -216,13 +216,13 @@ class BaseRole(Role):
     def sample(self, m: Sample, value: torch.Tensor | None) -> Sampled:
         """Feed the newest tokens, then sample from the base logits guided by `value` (rows, V)."""
         session = self.sessions[m.sid]
-        session.streams[0].step(torch.from_numpy(np.asarray(m.tokens, dtype=np.int64)))
+        session.streams[0].step(torch.tensor(m.tokens, dtype=torch.long))
         return self.sampled(session, m, value)
 
     def sampled(self, session: Session, m: Sample, value: torch.Tensor | None) -> Sampled:
         """The tokens of the rows as they are now fed (the server's merged steps feed first)."""
         logits = session.streams[0].last  # (B, V)
-        uniforms = torch.from_numpy(np.asarray(m.uniforms, dtype=np.float64))
+        uniforms = torch.tensor(m.uniforms, dtype=torch.float64)
         if value is None:
             return Sampled(sample(upcast(logits), uniforms, session.sampling.decode, session.warp).numpy(), None)
         value = torch.as_tensor(value).to(logits.device)

@@ -125,6 +125,7 @@ class ModelServer:
 
     async def call(self, messages: dict, client: str | None = None) -> dict:
         """{role: message} -> {role: result}; per-token messages are batched across callers."""
+        self.counts["calls"] += 1
         for role, m in messages.items():
             if isinstance(m, Open):
                 self.open_for(client, m.sid)
