@@ -156,6 +156,7 @@ def feed_together(streams: list[Stream], blocks: list[torch.Tensor], lengths: li
     out = streams[0].forward(block, mask, positions, cache, keep_all)
     t2 = time.perf_counter()
     newest, has_new = out[:, -1], (lengths_all > 0)[:, None]
+    all_new = bool(has_new.all())
     start = 0
     for s, b, n, p in zip(streams, blocks, lengths, pads):
         rows = slice(start, start + len(s))
@@ -167,7 +168,10 @@ def feed_together(streams: list[Stream], blocks: list[torch.Tensor], lengths: li
         n = n.to(s.device)
         s.count = s.count + n
         s.paid.index_add_(0, s.owner, n)
-        s.last = newest[rows] if s.last is None else torch.where(has_new[rows], newest[rows], s.last)
+        fresh = newest[rows]
+        if s.last is not None and not all_new:  # a row without a new token keeps its output (B, D)
+            fresh = torch.where(has_new[rows], fresh, s.last)
+        s.last = fresh
     return out, (t1 - t0) + (time.perf_counter() - t2)
 
 

@@ -94,14 +94,19 @@ class Workload:
     pipeline: tuple[str, ...] = ()  # placements of the Ray pipeline to time against the engine
     cells: tuple[str, ...] = ("ivg",)  # grid cells timed against NaiveIVG (the IVG cell always)
     colocated_batching: bool = False  # one larger batch vs merged steps, in process
+    actor_scaling: bool = False  # colocated pipeline: 2 shards with 1 and 2 search slots
+    scaling_repeats: int = 1  # of batch_scaling, colocated_batching, chunk scoring
 
 
 SUITES = {
     "smoke": {"tiny": Workload(4, 2, 0, 1, (1, 4), 2)},
-    "quick": {"tiny": Workload(16, 4, 1, 3, (1, 4, 16, 64), 16, ("colocated", "separate"), tuple(CELLS), True),
+    "quick": {"tiny": Workload(16, 4, 1, 3, (1, 4, 16, 64), 16, ("colocated", "separate"), tuple(CELLS), True, True,
+                               3),
               "smollm2-135m": Workload(2, 1, 0, 1, (), 1, ("colocated", "separate"))},
-    "full": {"tiny": Workload(16, 16, 2, 5, (1, 4, 16, 64), 16, ("colocated", "separate"), tuple(CELLS), True),
-             "smollm2-135m": Workload(16, 4, 0, 3, (1, 4, 16), 4, ("colocated", "separate"), tuple(CELLS))},
+    "full": {"tiny": Workload(16, 16, 2, 5, (1, 4, 16, 64), 16, ("colocated", "separate"), tuple(CELLS), True, True,
+                              5),
+             "smollm2-135m": Workload(16, 4, 0, 3, (1, 4, 16), 4, ("colocated", "separate"), tuple(CELLS), False,
+                                      True, 3)},
 }
 
 
@@ -324,7 +329,7 @@ def measure_family(family: str, work: Workload, device: str, threads: int, log, 
         long = with_tokens(engine, SCORED_CHUNKS * METHOD.L)
         calls = record_calls(engine.roles.roles["explicit"], "chunk")
         firsts, lasts = [], []
-        for _ in range(max(work.repeats, 2)):
+        for _ in range(work.scaling_repeats):
             calls.clear()
             long.run(bench_rows(work.chunk_prompts), METHOD)
             assert len(calls) == SCORED_CHUNKS, f"{len(calls)} chunk calls, expected {SCORED_CHUNKS}"
@@ -339,14 +344,16 @@ def measure_family(family: str, work: Workload, device: str, threads: int, log, 
     if work.batch_sizes:
         many = bench_rows(max(work.batch_sizes))
         out["batch_scaling"] = {str(b): b / statistics.median([timed(lambda: engine.run(many[:b], METHOD))
-                                                               for _ in range(work.repeats)])
+                                                               for _ in range(work.scaling_repeats)])
                                 for b in work.batch_sizes}
 
     # 5. two shards on one process: one larger batch, or the merged steps of two concurrent searches
     out["colocated_batching"] = None
     if work.colocated_batching:
-        out["colocated_batching"] = measure_colocated_batching(config, rows, work.repeats, threads, engine)
+        out["colocated_batching"] = measure_colocated_batching(config, rows, work.scaling_repeats, threads, engine)
         log(f"[bench] {family} colocated batching (prompts/s): {out['colocated_batching']}")
+    out["dtypes"] = {name: str(next(role.models[0].model.parameters()).dtype).removeprefix("torch.")
+                     for name, role in engine.roles.roles.items()}
     rss["process_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     out["peak_rss_mb"] = rss
 
@@ -356,13 +363,12 @@ def measure_family(family: str, work: Workload, device: str, threads: int, log, 
         out[key] = None
     if work.pipeline:
         pipe = measure_pipeline(config, rows, work.repeats, threads, lambda: engine.run(rows, METHOD),
-                                work.pipeline, log)
+                                work.pipeline, work.actor_scaling, log)
         out["pipeline"] = pipe
         for placement, p in pipe.items():
             suffix = "" if placement == "colocated" else f"_{placement}"
             out[f"pipeline_vs_engine{suffix}"] = p["one_shard_s"] / p["engine_s"]
-        if "colocated" in pipe:
-            out["actor_scaling"] = pipe["colocated"]["actor_scaling"]
+        out["actor_scaling"] = pipe.get("colocated", {}).get("actor_scaling")
         if "separate" in pipe:
             out["search_bytes_per_row_step"] = pipe["separate"]["search"]["bytes_received_per_row_step"]
             out["server_bytes_per_row_step"] = pipe["separate"]["server_bytes_per_row_step"]
@@ -422,28 +428,30 @@ def measure_colocated_batching(config: GenerationConfig, rows: list[dict], repea
 
 
 def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, threads: int, run_engine,
-                     placements: tuple[str, ...], log) -> dict:
+                     placements: tuple[str, ...], actor_scaling: bool, log) -> dict:
     """The pipeline on this node, per placement: colocated (one model server that runs the searches) or
     separate (a server actor per role, one search actor). Its steady state is timed (clusters started
     and warmed first), like the engine's, whose models are loaded before timing; the engine runs
     alternate with the pipeline's, so both see the same machine load."""
     import ray
 
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private embedded cluster: no token to write to ~/.ray
     from pipeline.config import Config
     from pipeline.coordinator import Scheduler, start_cluster, stop_cluster
     from pipeline.io import Manifest
     from ivg.config import from_dict
 
     tmp = Path(tempfile.mkdtemp(prefix="ivg-bench-"))
-    prompts = tmp / "prompts.jsonl"
+    prompts, warm = tmp / "prompts.jsonl", tmp / "warm.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    warm.write_text(json.dumps(rows[0]) + "\n")  # one prompt warms a cluster up (first-call costs)
     ivg_only = dataclasses.replace(config, methods=(METHOD,))
 
-    def pipeline_config(placement: str, actors: int, shard_size: int) -> Config:
+    def pipeline_config(placement: str, actors: int, shard_size: int, path: Path = prompts) -> Config:
         server = {"num_cpus": 0.4, "torch_threads": threads}
         return from_dict(Config, {
             "models": ivg_only.models, "decode": ivg_only.decode, "methods": ivg_only.methods,
-            "run": {"seed": config.seed}, "data": {"path": str(prompts)},
+            "run": {"seed": config.seed}, "data": {"path": str(path)},
             "pipeline": {"placement": placement, "search_actors": actors, "search_cpus": 0.2,
                          "shard_size": shard_size, "batch_window_ms": 2.0,
                          "servers": {"colocated": server, "base": server, "implicit": server, "explicit": server}}})
@@ -455,11 +463,16 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
         manifest = Manifest.open(out / "manifest.json", cfg.resolved(), cfg.fingerprint())
         scheduler = Scheduler(cfg, manifest, out, log=lambda *a, **k: None)
         scheduler.cluster = cluster
+        finished = scheduler.finished  # writing a shard's file and the manifest, timed apart
+
+        def timed_finished(*args):
+            writes.append(timed(lambda: finished(*args)))
+        scheduler.finished = timed_finished
         return timed(scheduler.run)
 
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
              log_to_driver=False)
-    results = {}
+    results, writes = {}, []
     try:
         for placement in placements:
             actors = 2 if placement == "colocated" else 1
@@ -467,14 +480,16 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
             cluster = start_cluster(pipeline_config(placement, actors, len(rows)))
             result = {"startup_s": time.perf_counter() - start}
             try:
-                run_once(pipeline_config(placement, 1, len(rows)), cluster)  # warm-up
+                run_once(pipeline_config(placement, 1, 1, warm), cluster)
                 for s in cluster.servers.values():
                     ray.get([h.reset_stats.remote() for h in s])
                 # overhead: exactly the engine's batch (one shard of every prompt, one search)
+                writes.clear()
                 pairs = [(timed(run_engine), run_once(pipeline_config(placement, 1, len(rows)), cluster))
                          for _ in range(repeats)]
                 result["engine_s"] = statistics.median(e for e, _ in pairs)
                 result["one_shard_s"] = statistics.median(p for _, p in pairs)
+                result["write_s"] = statistics.median(writes)  # of one_shard_s: the shard's file and manifest
                 log(f"[bench] pipeline {placement}: {result['one_shard_s']:.2f}s vs engine {result['engine_s']:.2f}s")
                 if placement == "separate":
                     search = ray.get(cluster.searchers[0].stats.remote())
@@ -483,7 +498,7 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
                     value_rows = sum(s.get("value_rows_in", 0) for s in servers.values())
                     result.update(search=search, servers=servers,
                                   server_bytes_per_row_step=value_bytes / max(value_rows, 1))
-                else:  # two shards, on one server: run one after the other (1 slot) or as one batch (2)
+                elif actor_scaling:  # two shards on one server: one after the other (1 slot) or one batch (2)
                     result["actor_scaling"] = {}
                     for slots in (1, 2):
                         cfg = pipeline_config(placement, slots, max(len(rows) // 2, 1))

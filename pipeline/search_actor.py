@@ -16,6 +16,7 @@ coordinator retries the shard. If the process running the search dies, Ray resta
 coordinator runs its shards again.
 """
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -46,10 +47,12 @@ class ShardResult:
 
 
 class ShardRunner:
-    """Shards in, result tables out, through `engine` (whose roles client has drop_open_sessions)."""
+    """Shards in, result tables out, through `engine` (whose roles client has drop_open_sessions).
+    `dtypes` ({role: dtype its models ran in}) goes into every table's metadata (`ivg.dtypes`)."""
 
-    def __init__(self, engine: Engine, columns: tuple[str, ...] = ()):
+    def __init__(self, engine: Engine, columns: tuple[str, ...] = (), dtypes: dict[str, str] | None = None):
         self.engine, self.columns = engine, columns
+        self.metadata = {"ivg.dtypes": json.dumps(dtypes or {}, sort_keys=True)}
 
     def run(self, shard: Shard) -> ShardResult:
         return self.run_group([shard])[0]
@@ -69,7 +72,9 @@ class ShardRunner:
                 o["shard"] = shard.id
                 o.update({c: row.get(c) for c in self.columns})
             failed = sum(o["status"] != "ok" for o in out)
-            results.append(ShardResult(shard.id, rows_to_table(out, self.columns), seconds, failed))
+            table = rows_to_table(out, self.columns)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
+            results.append(ShardResult(shard.id, table, seconds, failed))
         return results
 
     def run_method(self, rows: list[dict], method: MethodConfig, sizes: list[int]) -> list[dict]:
@@ -116,9 +121,11 @@ class SearchActor(ShardRunner):
                  truncate: str = "fail", call_timeout_s: float = 600.0, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)  # bookkeeping only; the models live in the servers
         self.roles = RemoteRoles(servers, name, call_timeout_s)  # the same name after a restart
-        base = next(s.handle for s in servers if "base" in s.roles)
-        eos = ray.get(base.info.remote(), timeout=call_timeout_s)["eos"]  # the base model's EOS ids (its generation config too)
-        super().__init__(Engine(config, self.roles, load_tokenizer(config.models.base), set(eos), truncate), columns)
+        infos = ray.get([s.handle.info.remote() for s in servers], timeout=call_timeout_s)
+        eos = next(i["eos"] for i in infos if "eos" in i)  # the base model's EOS ids (its generation config too)
+        dtypes = {role: dtype for i in infos for role, dtype in i["dtypes"].items()}
+        super().__init__(Engine(config, self.roles, load_tokenizer(config.models.base), set(eos), truncate), columns,
+                         dtypes)
 
     def ready(self) -> int:
         return os.getpid()  # tells a test which process to kill, and that a restart happened

@@ -46,6 +46,12 @@ from pipeline.search_actor import ShardResult, ShardRunner
 __all__ = ["ModelServer", "SessionLost"]
 
 
+def role_dtypes(roles: dict) -> dict[str, str]:
+    """{role: the dtype its models compute in} (`dtype: auto` resolved), for every output's metadata."""
+    return {name: ",".join(sorted({str(m.model.dtype).removeprefix("torch.") for m in role.models}))
+            for name, role in roles.items()}
+
+
 class CountedRoles(LocalRoles):
     """LocalRoles that count, per base step, how many searches (shards) the forward served."""
 
@@ -84,17 +90,16 @@ class ModelServer:
             self.local = CountedRoles(self.roles, self.counts, self.sessions_per_forward)
             self.runner = ShardRunner(Engine(config, self.local, base.tokenizer,
                                              eos_ids(base.tokenizer, getattr(base.model, "generation_config", None)),
-                                             truncate), columns)
+                                             truncate), columns, role_dtypes(self.roles))
             self.shards = Batcher(self.run_group, self.window, lambda queue: len(queue) >= search_slots,
                                   in_thread=True, max_size=search_slots)
 
     def info(self) -> dict:
-        base = self.roles.get("base")
-        if base is None:
-            return {"roles": sorted(self.roles)}
-        loaded = base.models[0]
-        return {"roles": sorted(self.roles),
-                "eos": sorted(eos_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None)))}
+        out = {"roles": sorted(self.roles), "dtypes": role_dtypes(self.roles)}
+        if "base" in self.roles:
+            loaded = self.roles["base"].models[0]
+            out["eos"] = sorted(eos_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None)))
+        return out
 
     def ready(self) -> int:
         return os.getpid()  # tells a test which process to kill, and that a restart happened

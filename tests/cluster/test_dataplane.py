@@ -3,6 +3,7 @@ numbers per token step (never a vector over the vocabulary), the value vector go
 the rows equal the in-process engine's; in placement `colocated` a shard runs with no per-token Ray call."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -105,5 +106,7 @@ def test_colocated_shard_runs_beside_the_models_without_a_ray_call_per_token(ray
     got = [r for res in results for r in res.table.to_pylist()]
     assert {r["id"]: content({k: v for k, v in r.items() if k != "shard"}) for r in got} == local
     assert [r["shard"] for r in got] == ["s0", "s0", "s1", "s1"]
+    dtypes = json.loads(results[0].table.schema.metadata[b"ivg.dtypes"])  # what the models computed in
+    assert dtypes == {"base": "float64", "implicit": "float64", "explicit": "float64"}
     stats = ray.get(server.stats.remote())
     assert stats.get("calls", 0) == 0 and stats["sessions_per_forward"] == {2: stats["forwards"]}
