@@ -77,10 +77,10 @@ def needed_roles(config: GenerationConfig) -> list[str]:
 def load_role(name: str, config: GenerationConfig, base_tokenizer):
     models = config.models
     if name == "base":
-        return BaseRole([load(models.base)], base_tokenizer)
+        return BaseRole([load(models.base, decoding=True)], base_tokenizer)
     if name == "implicit":
-        return ImplicitRole(load(models.tuned), load(models.untuned), base_tokenizer)
-    return explicit_role(load(models.explicit), base_tokenizer)
+        return ImplicitRole(load(models.tuned, decoding=True), load(models.untuned, decoding=True), base_tokenizer)
+    return explicit_role(load(models.explicit, decoding=True), base_tokenizer)
 
 
 def eos_ids(base_tokenizer, base_generation_config=None) -> set[int]:

@@ -45,7 +45,8 @@ def lm_forward(model):
 
 
 def body_forward(model):
-    """A causal sequence classifier's body: hidden states, for the head to read at the newest token."""
+    """A causal model's body (a sequence classifier's, a token reward model's): hidden states, for the
+    role to apply the head where it needs it."""
     body = model.base_model
 
     def forward(ids, mask, pos, cache, keep_all):
@@ -262,19 +263,39 @@ class ImplicitRole(Role):
 
 class TokenRewardRole(Role):
     """Explicit value from a token reward model: Q(s, .) over the vocab; a prefix's value is Q of its
-    last token, Q(s_{n-1}, a_n)."""
+    last token, Q(s_{n-1}, a_n).
+
+    Its stream keeps hidden states, not logits: token-wise guidance applies the head to the newest one
+    (Q(s, .), what the model's own forward computes), while chunk scoring needs one entry per row, the
+    dot product of the hidden state before its last token with that token's head row, so a chunk of L
+    tokens costs no L x V logits."""
 
     initial_state = 0.0  # per row: the latest prefix value
 
-    def value(self, session: Session) -> torch.Tensor:
-        return explicit_value(session.streams[0].last)  # (B, V)
+    def forward_of(self, loaded: LoadedModel):
+        return body_forward(loaded.model)
 
+    @torch.no_grad()
+    def value(self, session: Session) -> torch.Tensor:
+        head = self.models[0].model.get_output_embeddings()
+        return explicit_value(head(session.streams[0].last))  # (B, V)
+
+    @torch.no_grad()
     def chunk(self, m: Chunk) -> Scores:
         session = self.sessions[m.sid]
         [(prev, out, suffix, refed)] = self.feed_chunk(session, m.new, m.texts, True)
         if out is not None:
-            q = new_token_scores(upcast(prev), upcast(out), suffix)
-            session.state = [q[i][-1] if len(fed) > back else session.state[i]
+            head = self.models[0].model.get_output_embeddings()
+            lengths = torch.tensor([len(f) for f in suffix], device=out.device)
+            last = torch.tensor([f[-1] if f else 0 for f in suffix], device=out.device)
+            # the hidden state that predicts each row's last new token: the block's second-to-last
+            # column (blocks are left-padded), or the row's previous newest state for a single token
+            before = torch.where((lengths >= 2)[:, None], out[:, -2] if out.shape[1] > 1 else prev, prev)
+            q = (upcast(before) * upcast(head.weight[last])).sum(-1)
+            if head.bias is not None:
+                q = q + head.bias[last]
+            q = q.double().cpu().tolist()
+            session.state = [q[i] if len(fed) > back else session.state[i]
                              for i, (fed, back) in enumerate(zip(suffix, refed))]
         return Scores(np.array(session.state, dtype=np.float64))
 
