@@ -147,31 +147,29 @@ class ModelServer:
                 if lost is not None:
                     raise lost
         out = {role: self.roles[role].handle(m) for role, m in messages.items() if not isinstance(m, PER_TOKEN)}
+        consumed = {m.value_from for m in per_token.values() if isinstance(m, Sample)}
+        here = {}  # value vectors a Sample of this same call combines
         for role, m in per_token.items():
             if isinstance(m, Step):
                 value = self.roles[role].value(self.session(role, m.sid))
-                # to the base that samples with it, by reference, so it never rides with the answer
-                # to the search (a small result would be inlined to the caller)
-                out[role] = value if any(isinstance(x, Sample) for x in messages.values()) or not ray.is_initialized() \
-                    else ray.put(value)
+                if role in consumed:
+                    here[role], out[role] = value, None
+                else:  # for a base elsewhere: into the object store, so that it goes server to server
+                    # (a small result would be inlined to the caller, the search)
+                    out[role] = ray.put(value) if ray.is_initialized() else value
         for role, m in per_token.items():
             if isinstance(m, Sample):
-                value = await self.value_of(m, out)
+                value = here[m.value_from] if m.value_from in here else await self.value_of(m)
                 out[role] = self.roles[role].sampled(self.session(role, m.sid), m, value)
-        for role in messages:
-            if role in out and any(isinstance(m, Sample) and m.value_from == role for m in messages.values()):
-                out[role] = None  # consumed here
         for m in messages.values():
             if isinstance(m, Close):
                 self.client_of.pop(m.sid, None)
         return out
 
-    async def value_of(self, m: Sample, here: dict):
-        """The v(s, .) a Sample combines: a Step of this call, or the value server's answer it refers to."""
+    async def value_of(self, m: Sample):
+        """The v(s, .) a Sample combines, from the value server's answer it refers to (None: no guidance)."""
         if m.value_from is None:
             return None
-        if m.value_from in here:
-            return here[m.value_from]
         value = m.value
         if isinstance(value, ray.ObjectRef):
             value = (await value)[m.value_from]
