@@ -76,6 +76,7 @@ class ModelServer:
                  torch_threads: int = 1, search_slots: int = 1, columns: tuple[str, ...] = (),
                  truncate: str = "fail"):
         torch.set_num_threads(torch_threads)
+        self.threads = torch_threads
         self.base_tokenizer = load_tokenizer(config.models.base)
         self.roles = {name: load_role(name, config, self.base_tokenizer) for name in roles}
         self.window = batch_window_ms / 1000
@@ -123,6 +124,7 @@ class ModelServer:
         return await self.shards.submit(shard)
 
     def run_group(self, shards: list[Shard]) -> list[ShardResult]:
+        torch.set_num_threads(self.threads)  # in the worker thread too: OpenMP's thread count is per thread
         self.local.searches = len(shards)
         return self.runner.run_group(shards)
 
