@@ -16,6 +16,8 @@ GUIDANCE = ("none", "implicit", "explicit")
 MODEL_KINDS = ("causal_lm", "token_reward", "classifier")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 TRUNCATE = ("fail", "left")  # a prompt longer than the context: fail its row, or cut its start
+FINISHED = ("keep_once", "repeat")  # what a finished beam becomes in the next round of a search
+AUTO = "auto"  # max_new_tokens: each prompt's room in the context
 
 
 class ConfigError(ValueError):
@@ -77,7 +79,9 @@ class Models:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    max_new_tokens: int = 50
+    # an integer, or "auto": per prompt, the room its views leave in the contexts of the models the
+    # method uses (min over models of context - prompt tokens), as the paper's AlpacaEval runs do
+    max_new_tokens: int | str = 50
     temperature: float = 0.7  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -85,7 +89,8 @@ class DecodeConfig:
     stop_at_eos: bool = True
 
     def validate(self, where: str = "decode") -> None:
-        check(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1")
+        check(self.max_new_tokens == AUTO or (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1),
+              f"{where}.max_new_tokens", f"must be an integer >= 1, or {AUTO!r} (each prompt's room in the context)")
         check(self.temperature >= 0, f"{where}.temperature", "must be >= 0 (0 means greedy)")
         check(self.top_k >= 0, f"{where}.top_k", "must be >= 0 (0 turns it off)")
         check(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]")
@@ -105,6 +110,14 @@ class MethodConfig:
     beta_token: float = 1.0
     beta_chunk: float = 1.0
     name: str | None = None  # defaults to the cell's name, e.g. "tok-implicit+cbs-explicit"
+    # A finished beam in the next round: keep_once = it competes once with the children of the others;
+    # repeat = it is repeated K times like every kept beam (the paper's code), so identical copies can
+    # fill up to K of the W slots. Copies cost no forwards. Both end when all kept beams are finished.
+    finished: str = "keep_once"
+    # Score a response that ended on a stop string as ending with the base's EOS (the implicit sum
+    # includes log-ratio(EOS), the explicit value is read at EOS), as the paper's scorers do. A response
+    # that ended on EOS already ends with one; one cut at max_new_tokens has not ended and gets none.
+    score_eos: bool = False
 
     @property
     def label(self) -> str:
@@ -120,6 +133,9 @@ class MethodConfig:
         check(self.W >= 1, f"{where}.W", "must be >= 1")
         check(self.K >= 1, f"{where}.K", "must be >= 1")
         check(self.L is None or self.L >= 1, f"{where}.L", "must be >= 1 (or null for whole responses)")
+        check(self.finished in FINISHED, f"{where}.finished", f"{self.finished!r} is not one of {FINISHED}")
+        check(not self.score_eos or self.chunk != "none", f"{where}.score_eos",
+              "changes chunk-level scores, and this method has none (set chunk: implicit|explicit)")
         check(self.chunk != "none" or self.W * self.K == 1, f"{where}.chunk",
               "W*K > 1 needs a chunk-level scorer to choose between beams (set chunk: implicit|explicit)")
         for g in (self.token, self.chunk):
@@ -181,7 +197,15 @@ def _convert(tp, value, where: str):
             check(type(None) in args, where, "must not be null")
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where)
+        errors = []
+        for tp_ in inner:  # the first type the value converts to (e.g. int | str: 8 or "auto")
+            try:
+                return _convert(tp_, value, where)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{where}: expected {' or '.join(t.__name__ for t in inner)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin is tuple:

@@ -6,9 +6,9 @@ Ray actors by passing its own `roles` client. Either way the search code is ivg/
 
 import time
 
-from ivg.config import TRUNCATE, ConfigError, GenerationConfig, MethodConfig, check
+from ivg.config import AUTO, TRUNCATE, ConfigError, GenerationConfig, MethodConfig, check
 from ivg.models import load, load_tokenizer, same_vocab
-from ivg.protocol import Check, Close, Cut, Open, Sample
+from ivg.protocol import Check, Close, Cut, Open, Room, Sample
 from ivg.sampling import Stopper
 from ivg.search import search
 from ivg.values import BaseRole, ImplicitRole, explicit_role
@@ -57,6 +57,7 @@ def answer(roles: dict, messages: dict, value_of=None) -> dict:
 def check_vocabularies(config: GenerationConfig, tokenizers: dict) -> None:
     """Token-wise guidance adds value vectors to the base logits: refuse mismatched vocabularies."""
     for i, m in enumerate(config.methods):
+        check_score_eos(config, tokenizers, i, m)
         if m.token == "none":
             continue
         guides = ("tuned", "untuned") if m.token == "implicit" else ("explicit",)
@@ -66,6 +67,18 @@ def check_vocabularies(config: GenerationConfig, tokenizers: dict) -> None:
                     f"methods[{i}].token: token-wise {m.token} guidance needs models.{role} to share the "
                     f"base's vocabulary ({config.models.base.name} vs {getattr(config.models, role).name}); "
                     "use chunk-level guidance for models with different tokenizers")
+
+
+def check_score_eos(config: GenerationConfig, tokenizers: dict, i: int, m: MethodConfig) -> None:
+    """score_eos appends the base's EOS id to what the chunk scorer reads: it must share the vocabulary."""
+    if not m.score_eos:
+        return
+    for role in ("tuned", "untuned") if m.chunk == "implicit" else ("explicit",):
+        if not same_vocab(tokenizers["base"], tokenizers[role]):
+            raise ConfigError(
+                f"methods[{i}].score_eos: appending the base's EOS before scoring needs models.{role} to "
+                f"share the base's vocabulary ({config.models.base.name} vs {getattr(config.models, role).name}); "
+                "set score_eos: false for this scorer")
 
 
 def needed_roles(config: GenerationConfig) -> list[str]:
@@ -97,6 +110,12 @@ class Engine:
 
     def __init__(self, config: GenerationConfig, roles, tokenizer, eos: set[int], truncate: str = "fail"):
         check(truncate in TRUNCATE, "truncate", f"{truncate!r} is not one of {TRUNCATE}")
+        check(not (truncate == "left" and config.decode.max_new_tokens == AUTO), "truncate",
+              "left truncation makes room for max_new_tokens, and max_new_tokens: auto is whatever room "
+              "the prompt leaves; set a number of new tokens, or truncate: fail")
+        for i, m in enumerate(config.methods):
+            check(not m.score_eos or tokenizer.eos_token_id is not None, f"methods[{i}].score_eos",
+                  "the base's tokenizer has no EOS token to append; set score_eos: false")
         self.config, self.roles, self.tokenizer, self.truncate = config, roles, tokenizer, truncate
         self.stopper = Stopper(tokenizer, config.decode, eos)
 
@@ -123,21 +142,44 @@ class Engine:
         prompts = [r["prompt"] for r in rows]
         used = {"base"} | {g for g in (method.token, method.chunk) if g != "none"}
         max_new = self.config.decode.max_new_tokens
+        auto = max_new == AUTO
+        limits, room_errors = self.room(prompts, used) if auto else ([max_new] * len(rows), [None] * len(rows))
         cuts = [0] * len(rows)
         if self.truncate == "left":  # the longest cut any role needs fits them all
             needed = self.roles.call({r: Cut(tuple(prompts), max_new) for r in used})
             cuts = [max(c.chars[i] for c in needed.values()) for i in range(len(rows))]
             prompts = [p[k:] for p, k in zip(prompts, cuts)]
-        checks = self.roles.call({r: Check(tuple(prompts), max_new) for r in used})
-        errors = [next((f"{r}: {c.errors[i]}" for r, c in sorted(checks.items()) if c.errors[i]), None)
-                  for i in range(len(rows))]
+        checks = self.roles.call({r: Check(tuple(prompts), 1 if auto else max_new) for r in used})
+        errors = [room_errors[i] or next((f"{r}: {c.errors[i]}" for r, c in sorted(checks.items()) if c.errors[i]),
+                                         None) for i in range(len(rows))]
         ok = [i for i, e in enumerate(errors) if e is None]
         start = time.perf_counter()
         outputs = search([str(rows[i]["id"]) for i in ok], [prompts[i] for i in ok], method,
-                         self.config.decode, self.roles, self.stopper, self.config.seed) if ok else []
+                         self.config.decode, self.roles, self.stopper, self.config.seed,
+                         [limits[i] for i in ok]) if ok else []
         wall = (time.perf_counter() - start) / max(len(ok), 1)  # the batch's time, shared equally
         by_row = dict(zip(ok, outputs))
         return [self.row(rows[i], method, by_row.get(i), errors[i], wall, cuts[i]) for i in range(len(rows))]
+
+    def room(self, prompts: list[str], used: set[str]) -> tuple[list, list]:
+        """max_new_tokens: auto. Per prompt, the fewest tokens any model of the used roles has left in
+        its context after its own view of the prompt, and why there is none (None: there is room)."""
+        rooms = self.roles.call({r: Room(tuple(prompts)) for r in used})
+        limits, errors = [], []
+        for i in range(len(prompts)):
+            known = {r: c.tokens[i] for r, c in sorted(rooms.items()) if c.tokens[i] is not None}
+            limit = min(known.values(), default=None)
+            limits.append(limit)
+            if limit is None:
+                errors.append(f"max_new_tokens: auto needs a context length, and no model of {sorted(used)} "
+                              "names one in its config; set max_new_tokens to a number")
+            elif limit < 1:
+                r = min(known, key=known.get)
+                errors.append(f"{r}: the prompt fills the model's context ({limit} tokens of room left): "
+                              "max_new_tokens: auto leaves no room for a response; shorten the prompt")
+            else:
+                errors.append(None)
+        return limits, errors
 
     def row(self, row: dict, method: MethodConfig, out, error: str | None, wall: float, truncated: int = 0) -> dict:
         """The output row of one prompt: a result, or (out=None) a failed row with its reason."""

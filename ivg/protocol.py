@@ -10,9 +10,11 @@ over the vocabulary: per token step a search sends and receives O(rows) numbers.
   Select(sid, rows)       every role    None          per chunk: fork / reorder / drop rows
   Step(sid, tokens)       value role    None*         per token: feed the newest token; keep v(s, .)
   Sample(sid, tokens, ..) base          Sampled       per token: feed, z = logits + beta * v, warp, sample
+  StepAt(sid, tokens, at) value role    Scores        per chunk (score_eos): feed the newest token, v(s, at)
   Chunk(sid, new, texts)  chunk scorer  Scores        per chunk: each row's value of its whole response
   Check(prompts, n)       every role    Problems      before a search: why a prompt cannot run
   Cut(prompts, n)         every role    Cuts          before a search (truncate: left): characters to cut
+  Room(prompts)           every role    Rooms         before a search (max_new_tokens: auto): tokens left
   Close(sid)              every role    Closed        once per search: tokens each owner cost
 
 * A Step's result, the value vector v(s, .) (rows, V), goes to the `Sample` of the same call that
@@ -77,6 +79,13 @@ class Sampled:
 
 
 @dataclass(frozen=True)
+class StepAt:
+    sid: str
+    tokens: np.ndarray  # [rows] int64: as Step.tokens
+    at: int  # a token id: each row's value v(s, at) comes back (the base's EOS, for score_eos)
+
+
+@dataclass(frozen=True)
 class Chunk:
     sid: str
     new: tuple[tuple[int, ...], ...]  # [rows][tokens]: each row's tokens since the last Chunk / Select
@@ -111,6 +120,16 @@ class Cuts:
 
 
 @dataclass(frozen=True)
+class Room:
+    prompts: tuple[str, ...]  # [prompts]
+
+
+@dataclass(frozen=True)
+class Rooms:
+    tokens: tuple[int | None, ...]  # [prompts] tokens left in the tightest context; None: no context known
+
+
+@dataclass(frozen=True)
 class Close:
     sid: str
 
@@ -120,5 +139,5 @@ class Closed:
     tokens: dict  # {owner: tokens the role's models processed for it, prefill included}
 
 
-SESSION_MESSAGES = (Select, Step, Sample, Chunk, Close)  # need an open session
+SESSION_MESSAGES = (Select, Step, Sample, StepAt, Chunk, Close)  # need an open session
 PER_TOKEN = (Step, Sample)  # batched across searches by the model servers

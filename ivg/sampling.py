@@ -16,6 +16,9 @@ from ivg.guidance import upcast
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The rule (ivg/reference.py writes it again): the first 8 bytes of sha256 of
+    f"{seed}\\x00{prompt_id}", read little-endian, mod 2**63, seed a torch.Generator; a step draws
+    torch.rand(rows of the prompt, dtype=float64) from it."""
     digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
 
@@ -76,27 +79,39 @@ class Stopper:
                                            or bool(chars & set(t[len(head):])) for t in texts])
         return self._may_stop
 
-    def stops(self, newest: torch.Tensor, lengths: torch.Tensor, history) -> torch.Tensor:
-        """(rows,) bool: done(response) for rows whose response is `lengths` (rows,) tokens long and
-        ends in `newest` (rows,), as tensor operations; the text of a row is decoded (`history(i)`:
-        its response tokens) only where the newest token may complete a stop string."""
-        done = lengths >= self.decode.max_new_tokens
+    def stops(self, newest: torch.Tensor, lengths: torch.Tensor, history,
+              limits: torch.Tensor | None = None) -> torch.Tensor:
+        """(rows,) bool: done(response, limit) for rows whose response is `lengths` (rows,) tokens long
+        and ends in `newest` (rows,), each live before that token, as tensor operations (`limits`
+        (rows,): each row's own max_new_tokens); the text of a row is decoded (`history(i)`: its
+        response tokens) only where the newest token may complete a stop string."""
+        if limits is None:
+            limits = torch.full_like(lengths, self.decode.max_new_tokens)
+        done = lengths >= limits
         if len(self.eos):
             done |= torch.isin(newest, self.eos)
         if self.decode.stop:
             V = len(self.may_stop)  # a model's vocab can be padded past its tokenizer's: check those too
             maybe = self.may_stop[newest.clamp(0, V - 1)] | (newest >= V)
             for i in (maybe & ~done).nonzero().flatten().tolist():
-                done[i] = self.done(history(i))
+                done[i] = self.done(history(i), int(limits[i]))
         return done
 
-    def done(self, tokens: list[int]) -> bool:
-        if len(tokens) >= self.decode.max_new_tokens or (tokens and tokens[-1] in self.eos_ids):
+    def done(self, tokens: list[int], max_new_tokens: int | None = None) -> bool:
+        """Ended (EOS, a stop string) or at max_new_tokens (this row's own limit when given)."""
+        if len(tokens) >= (max_new_tokens or self.decode.max_new_tokens) or (tokens and tokens[-1] in self.eos_ids):
             return True
         if self.decode.stop:
             tail = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=True)
             return any(s in tail for s in self.decode.stop)
         return False
+
+    def ended(self, tokens: list[int]) -> bool:
+        """The response ended by itself, on EOS or a stop string (not merely cut at max_new_tokens)."""
+        if tokens and tokens[-1] in self.eos_ids:
+            return True
+        tail = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=True) if self.decode.stop else ""
+        return any(s in tail for s in self.decode.stop)
 
     def text(self, tokens: list[int]) -> str:
         """The response: EOS dropped, cut before the first stop string."""

@@ -2,7 +2,8 @@
 
 Per prompt: keep W beams; each step every unfinished beam grows K children by L sampled tokens
 (the first step grows W*K children of the prompt); score every child; keep the top W of the
-children and the finished beams; stop when all kept beams are finished; return the best.
+children and the finished beams (`method.finished`: each finished beam once, or K identical copies
+as in the paper's code); stop when all kept beams are finished; return the best.
 W=1, K=N, L=None is Best-of-N; W=K=1 is plain (or token-wise guided) sampling.
 
 All rows of all prompts form one batch: one forward per model per token. The search only decides;
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from ivg.config import DecodeConfig, MethodConfig
-from ivg.protocol import Chunk, Close, Open, Sample, Sampling, Select, Step
+from ivg.protocol import Chunk, Close, Open, Sample, Sampling, Select, Step, StepAt
 from ivg.sampling import Stopper, prompt_generator
 
 
@@ -57,18 +58,20 @@ class SearchOutput:
 
 
 def search(prompt_ids: list[str], prompts: list[str], method: MethodConfig, decode: DecodeConfig,
-           roles, stopper: Stopper, seed: int) -> list[SearchOutput]:
-    """Run one method over a batch of prompts; the output for a prompt depends only on it and seed."""
-    return Search(prompt_ids, method, decode, roles, stopper, seed).run(prompts)
+           roles, stopper: Stopper, seed: int, max_new: list[int] | None = None) -> list[SearchOutput]:
+    """Run one method over a batch of prompts; the output for a prompt depends only on it and seed.
+    max_new: each prompt's own max_new_tokens (default: decode.max_new_tokens for all)."""
+    return Search(prompt_ids, method, decode, roles, stopper, seed, max_new).run(prompts)
 
 
 class Search:
     """The state one search's steps share: the method, the roles it uses, one session, the per-prompt RNGs."""
 
     def __init__(self, prompt_ids: list[str], method: MethodConfig, decode: DecodeConfig, roles,
-                 stopper: Stopper, seed: int):
+                 stopper: Stopper, seed: int, max_new: list[int] | None = None):
         self.method, self.decode, self.roles, self.stopper = method, decode, roles, stopper
-        self.W, self.K, self.L = method.W, method.K, method.L or decode.max_new_tokens
+        self.max_new = list(max_new) if max_new is not None else [decode.max_new_tokens] * len(prompt_ids)
+        self.W, self.K, self.L = method.W, method.K, method.L or max(self.max_new, default=1)
         self.token_role = None if method.token == "none" else method.token
         self.chunk_role = None if method.chunk == "none" else method.chunk
         self.used = ["base"] + sorted({r for r in (self.token_role, self.chunk_role) if r})
@@ -96,8 +99,8 @@ class Search:
             new = self.sample_chunk([c.beam for c in children], [c.prompt for c in children])
             # 3. score every child's prefix
             scores = self.score([c.beam for c in children], new)
-            # 4. keep the top W per prompt, finished beams competing with the children
-            kept = keep_top(kept, children, scores, self.W)
+            # 4. keep the top W per prompt, finished beams (once, or K copies) competing with the children
+            kept = keep_top(kept, children, scores, self.W, self.method.finished, self.K)
             first = False
         counts = self.call(lambda r: Close(self.sid))
         return [SearchOutput(beams[0].tokens, self.stopper.text(beams[0].tokens), beams[0].score, beams[0].scores,
@@ -114,6 +117,7 @@ class Search:
         log_ratio = torch.tensor([b.log_ratio for b in beams], dtype=torch.float64)  # (R,)
         last_q = torch.tensor([b.last_q for b in beams], dtype=torch.float64)  # (R,)
         new = torch.full((R, self.L), -1, dtype=torch.long)  # (R, L) this chunk's tokens, -1 = none
+        limits = torch.tensor([self.max_new[p] for p in prompt_of], dtype=torch.long)  # (R,) max_new_tokens
         spans = prompt_spans(prompt_of)  # [(prompt, first row, end row)]
         starts, ends = (torch.tensor(x, dtype=torch.long) for x in zip(*[(a, b) for _, a, b in spans]))
 
@@ -141,7 +145,7 @@ class Search:
                 log_ratio[live] += torch.tensor(sampled.value, dtype=torch.float64)[live]
             elif self.token_role == "explicit":
                 last_q[live] = torch.tensor(sampled.value, dtype=torch.float64)[live]
-            done = done | (live & self.stopper.stops(tokens, length, history))
+            done = done | (live & self.stopper.stops(tokens, length, history, limits))
             pending = torch.where(live & ~done, tokens, -1)
         chunk = [[t for t in row if t >= 0] for row in new.tolist()]
         for b, toks, d, lr, q in zip(beams, chunk, done.tolist(), log_ratio.tolist(), last_q.tolist()):
@@ -153,15 +157,38 @@ class Search:
         """The chunk-level value of each beam's whole prefix, times beta_chunk."""
         if self.chunk_role is None:
             return [0.0] * len(beams)
-        if self.chunk_role == self.token_role == "implicit":  # reuse the log-ratios computed while sampling
-            values = [b.log_ratio for b in beams]
-        elif self.chunk_role == self.token_role == "explicit":  # Q of the newest token, computed while sampling
-            values = [b.last_q for b in beams]
+        eos = self.appends_eos(beams)
+        if self.chunk_role == self.token_role:  # reuse the values computed while sampling
+            if any(eos):
+                self.value_at_eos(beams, eos)
+            values = [b.log_ratio if self.chunk_role == "implicit" else b.last_q for b in beams]
         else:
+            new = [n + [self.stopper.tokenizer.eos_token_id] if e else n for n, e in zip(new, eos)]
             texts = tuple(self.stopper.text(b.tokens) for b in beams) if self.needs_text else None
             chunk = Chunk(self.sid, tuple(map(tuple, new)), texts)
             values = self.roles.call({self.chunk_role: chunk})[self.chunk_role].values.tolist()
         return [self.method.beta_chunk * float(v) for v in values]
+
+    def appends_eos(self, beams: list[Beam]) -> list[bool]:
+        """Rows scored with the base's EOS appended (method.score_eos): those that ended on a stop
+        string. A row that ended on EOS ends with one already; a row cut at max_new_tokens has not
+        ended (the paper's code marks only EOS / stop-string rows finished) and gets none."""
+        if not self.method.score_eos:
+            return [False] * len(beams)
+        return [b.done and self.stopper.ended(b.tokens) and b.tokens[-1] not in self.stopper.eos_ids for b in beams]
+
+    def value_at_eos(self, beams: list[Beam], eos: list[bool]) -> None:
+        """Token-wise and chunk-level share the role: its value at EOS after each `eos` row's response.
+        Lazy feeding left each row's newest token out of the models; feed it (to this role only) and
+        read the EOS entry: log-ratio(EOS) joins the implicit sum, Q(s, EOS) becomes the explicit value."""
+        pending = np.array([b.tokens[-1] if e else -1 for b, e in zip(beams, eos)], dtype=np.int64)
+        at = StepAt(self.sid, pending, self.stopper.tokenizer.eos_token_id)
+        at_eos = self.roles.call({self.chunk_role: at})[self.chunk_role].values.tolist()  # (rows,)
+        for b, e, v in zip(beams, eos, at_eos):
+            if e and self.chunk_role == "implicit":
+                b.log_ratio += v
+            elif e:
+                b.last_q = v
 
 
 def prompt_spans(prompt_of: list[int]) -> list[tuple[int, int, int]]:
@@ -176,9 +203,12 @@ def prompt_spans(prompt_of: list[int]) -> list[tuple[int, int, int]]:
     return spans
 
 
-def keep_top(kept, children, scores, W) -> list[list[Beam]]:
-    """Per prompt, the W best of (finished kept beams + new children); ties keep the earlier one."""
-    by_prompt = [[b for b in beams if b.done] for beams in kept]
+def keep_top(kept, children, scores, W, finished: str = "keep_once", K: int = 1) -> list[list[Beam]]:
+    """Per prompt, the W best of (finished kept beams + new children); ties keep the earlier one, and
+    finished beams come first. finished="repeat" enters each finished kept beam K times, as the paper's
+    code repeats every kept beam K times: identical copies (no forwards), each taking a slot it wins."""
+    copies = K if finished == "repeat" else 1
+    by_prompt = [[b.child() for b in beams if b.done for _ in range(copies)] for beams in kept]
     for row, (c, s) in enumerate(zip(children, scores)):
         c.beam.score, c.beam.scores, c.beam.row = s, c.beam.scores + [s], row
         by_prompt[c.prompt].append(c.beam)

@@ -13,7 +13,9 @@ ivg/protocol.py, so the search runs unchanged on models in-process or behind Ray
   Chunk (chunk scorers)   feed a chunk; each row's value of its whole response so far:
                             implicit: sum of log pi_t - log pi_u over the response tokens;
                             explicit: Q of the last token, or a sequence classifier's score
-  Check / Cut             per prompt, why it cannot run / how many characters to cut to fit
+  StepAt (value roles)    feed the newest tokens; each row's value at one token (EOS, for score_eos)
+  Check / Cut / Room      per prompt, why it cannot run / how many characters to cut to fit /
+                          how many tokens its context leaves (max_new_tokens: auto)
 
 One class per value function: BaseRole, ImplicitRole, and for the explicit value TokenRewardRole,
 CausalClassifierRole (fed incrementally) and EncoderClassifierRole (a bidirectional classifier that
@@ -31,8 +33,8 @@ import torch
 from ivg.cache import cache_kwargs
 from ivg.guidance import TokenGuidance, explicit_value, implicit_value, upcast
 from ivg.models import LoadedModel, pad_id, prompt_ids, same_vocab
-from ivg.protocol import (Check, Chunk, Close, Closed, Cut, Cuts, Open, Opened, Problems, Sample, Sampled, Sampling,
-                          Scores, Select, Step)
+from ivg.protocol import (Check, Chunk, Close, Closed, Cut, Cuts, Open, Opened, Problems, Room, Rooms, Sample, Sampled,
+                          Sampling, Scores, Select, Step, StepAt)
 from ivg.sampling import sample, warpers
 from ivg.stream import Stream
 
@@ -106,8 +108,8 @@ class Role:
         """Answer one message of ivg/protocol.py (`value`: the v(s, .) a Sample combines)."""
         if isinstance(message, Sample):
             return self.sample(message, value)
-        verb = {Open: self.open, Select: self.select, Step: self.step, Chunk: self.chunk, Check: self.check,
-                Cut: self.cut, Close: self.close}.get(type(message))
+        verb = {Open: self.open, Select: self.select, Step: self.step, StepAt: self.step_at, Chunk: self.chunk,
+                Check: self.check, Cut: self.cut, Room: self.room, Close: self.close}.get(type(message))
         if verb is None:
             raise TypeError(f"{type(self).__name__} does not answer {type(message).__name__}")
         return verb(message)
@@ -135,6 +137,11 @@ class Role:
         for stream in session.streams:
             stream.step(tokens)
         return self.value(session)
+
+    def step_at(self, m: StepAt) -> Scores:
+        """Feed the newest tokens; each row's value at token `m.at` (of the vector `step` returns)."""
+        value = self.step(Step(m.sid, m.tokens))
+        return Scores(value[:, m.at].double().cpu().numpy())
 
     def value(self, session: "Session") -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} has no token-wise value")
@@ -170,6 +177,20 @@ class Role:
                 lo, hi = (lo, mid) if self.fits(p[mid:], m.max_new_tokens) else (mid, hi)
             cuts.append(hi)
         return Cuts(tuple(cuts))
+
+    def room(self, m: Room) -> Rooms:
+        """Per prompt, the tokens left in the tightest context of this role's models after their own
+        view of it (max_new_tokens: auto); None if no model names a context, or the prompt is invalid
+        (`check` says why)."""
+        rooms = []
+        for p in m.prompts:
+            try:
+                left = [context_length(x.model.config) - len(prompt_ids(x, p)) for x in self.models
+                        if context_length(x.model.config)]
+            except ValueError:
+                left = []
+            rooms.append(min(left, default=None))
+        return Rooms(tuple(rooms))
 
     def fits(self, prompt: str, max_new_tokens: int) -> bool:
         try:

@@ -321,8 +321,8 @@ def measure_family(family: str, work: Workload, device: str, threads: int, log, 
 
     out["speedup_vs_reference"] = None
     if work.reference_prompts:  # the test oracle: no caches at all, so a far slower yardstick
-        stopper = engine.stopper
-        seconds = timed(lambda: [naive_search(models, row["id"], row["prompt"], METHOD, decode, stopper, 0)
+        eos = engine.stopper.eos_ids
+        seconds = timed(lambda: [naive_search(models, row["id"], row["prompt"], METHOD, decode, eos, 0)
                                  for row in rows[:work.reference_prompts]])
         out["speedup_vs_reference"] = ivg["engine_prompts_per_s"] / (work.reference_prompts / seconds)
 

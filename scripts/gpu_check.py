@@ -110,8 +110,9 @@ def exactness(device: str, n_prompts: int, cells=CELLS) -> dict:
     for method in methods:
         got = on_device.run(rows, method)
         for g, r in zip(got, rows):
-            tokens, score, _ = naive_search(models, r["id"], r["prompt"], method, decode, on_device.stopper, 7)
-            same = (g["status"], g["response"], g["n_new_tokens"]) == ("ok", on_device.stopper.text(tokens), len(tokens))
+            tokens, text, score, _ = naive_search(models, r["id"], r["prompt"], method, decode,
+                                                  on_device.stopper.eos_ids, 7)
+            same = (g["status"], g["response"], g["n_new_tokens"]) == ("ok", text, len(tokens))
             cells[method.label] = cells.get(method.label, True) and same
             worst = max(worst, abs((g["score"] or 0.0) - score))
         if device != "cpu":

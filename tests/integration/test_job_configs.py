@@ -26,7 +26,8 @@ def tiny_stand_ins(config: Config) -> dict:
     planned = {k: v for k, v in dataclasses.asdict(config.planned_models()).items() if v}
     data["models"] = {role: {**spec, "name": TINY[spec.get("kind", "causal_lm")].format(role=role),
                              "device": "cpu", "dtype": "float32"} for role, spec in planned.items() if spec}
-    data["decode"] = {**data["decode"], "max_new_tokens": 6}
+    if data["decode"]["max_new_tokens"] != "auto":  # auto stays: the tiny contexts are cut instead
+        data["decode"] = {**data["decode"], "max_new_tokens": 6}
     data["data"] = {"path": "unused.jsonl"}
     return data
 
@@ -36,8 +37,35 @@ def test_config_loads_and_runs_on_tiny_models(path):
     config = from_dict(Config, yaml.safe_load(path.read_text()), "config")  # every section, as shipped
     stand_in = from_dict(Config, tiny_stand_ins(config), "config")
     engine = Engine.local(stand_in.generation)
+    if stand_in.decode.max_new_tokens == "auto":  # a 48-token context: responses fill what is left
+        for role in engine.roles.roles.values():
+            for m in role.models:
+                m.model.config.n_positions = 48
     prompts = [{"id": "a", "prompt": "The film"}, {"id": "b", "prompt": "Summarize: a cat sat."}]
     for method in stand_in.methods:
         rows = engine.run(prompts, method)
         assert [r["status"] for r in rows] == ["ok", "ok"], rows
         assert all(r["method"] == method.label for r in rows)
+
+
+def shipped(name: str) -> dict:
+    return yaml.safe_load(next(p for p in CONFIGS if p.stem == name).read_text())
+
+
+def test_paper_settings_configs_use_the_papers_search():
+    """The configs that claim the paper's settings: its decoding, finished beams repeated K times, and
+    EOS appended before scoring wherever the chunk scorer shares the base's vocabulary."""
+    paper = from_dict(Config, shipped("sentiment-paper"), "config")
+    d = paper.decode
+    assert (d.max_new_tokens, d.stop, d.stop_at_eos, d.temperature, d.top_k, d.top_p) == (50, (), False, 0.7, 0, 1.0)
+    cbs = [m for m in paper.methods if m.chunk != "none"]
+    assert {(m.W, m.K, m.L) for m in cbs if m.W > 1} == {(4, 4, 5)}
+    assert all(m.finished == "repeat" and m.score_eos and m.beta_chunk == 1.0 for m in cbs)
+    assert paper.planned_models().explicit.kind == "token_reward" and paper.train.settings.token_rm
+    alpaca = from_dict(Config, shipped("alpaca"), "config")
+    assert (alpaca.decode.top_k, alpaca.decode.max_new_tokens) == (50, "auto")
+    assert all(m.finished == "repeat" for m in alpaca.methods if m.chunk != "none")
+    tldr = from_dict(Config, shipped("summarization"), "config")
+    assert all(m.finished == "repeat" and m.score_eos for m in tldr.methods if m.chunk != "none")
+    assert tldr.eval.gold.name != tldr.models.explicit.name  # judged by a model that does not guide
+    assert tldr.eval.gold.name.replace("6.9b", "1b") == tldr.models.explicit.name  # the same family, larger
