@@ -121,7 +121,7 @@ class SearchActor(ShardRunner):
                  truncate: str = "fail", call_timeout_s: float = 600.0, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)  # bookkeeping only; the models live in the servers
         self.roles = RemoteRoles(servers, name, call_timeout_s)  # the same name after a restart
-        infos = ray.get([s.handle.info.remote() for s in servers], timeout=call_timeout_s)
+        infos = ray.get([s.handle.info.remote() for s in self.roles.servers], timeout=call_timeout_s)
         eos = next(i["eos"] for i in infos if "eos" in i)  # the base model's EOS ids (its generation config too)
         dtypes = {role: dtype for i in infos for role, dtype in i["dtypes"].items()}
         super().__init__(Engine(config, self.roles, load_tokenizer(config.models.base), set(eos), truncate), columns,

@@ -26,7 +26,7 @@ actor) opens a session, any other session it still holds here was left by a sear
 by its previous life, before Ray restarted it) and is dropped: dead searches never leak caches.
 """
 
-import asyncio
+import logging
 import os
 from collections import Counter, defaultdict
 
@@ -44,6 +44,22 @@ from pipeline.remote import SessionLost
 from pipeline.search_actor import ShardResult, ShardRunner
 
 __all__ = ["ModelServer", "SessionLost"]
+
+
+log = logging.getLogger(__name__)
+
+
+def warn_if_gpus_unseen(roles: list[str]) -> None:
+    """Ray gave this server GPUs, but torch sees no CUDA device (a CPU-only torch build, a driver
+    problem): its models would silently run on the CPU. Say so where the run's log shows it."""
+    import ray
+
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    if gpus and not torch.cuda.is_available():
+        log.warning("WARNING: model server %s was given GPU(s) %s (CUDA_VISIBLE_DEVICES=%r) but torch %s sees no "
+                    "CUDA device: its models run on the CPU. Install a CUDA build of torch on this node, or set "
+                    "num_gpus: 0.", "/".join(roles), gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.__version__)
+
 
 
 def role_dtypes(roles: dict) -> dict[str, str]:
@@ -77,6 +93,7 @@ class ModelServer:
                  truncate: str = "fail"):
         torch.set_num_threads(torch_threads)
         self.threads = torch_threads
+        warn_if_gpus_unseen(roles)
         self.base_tokenizer = load_tokenizer(config.models.base)
         self.roles = {name: load_role(name, config, self.base_tokenizer) for name in roles}
         self.window = batch_window_ms / 1000
