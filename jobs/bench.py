@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -440,7 +441,7 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private embedded cluster: no token to write to ~/.ray
     from pipeline.config import Config
-    from pipeline.coordinator import Scheduler, start_cluster, stop_cluster
+    from pipeline.coordinator import Checked, Scheduler, start_cluster, stop_cluster
     from pipeline.io import Manifest
     from ivg.config import from_dict
 
@@ -464,7 +465,9 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
         out = Path(tempfile.mkdtemp(dir=tmp))
         (out / "shards").mkdir()
         manifest = Manifest.open(out / "manifest.json", cfg.resolved(), cfg.fingerprint())
-        scheduler = Scheduler(cfg, manifest, out, log=lambda *a, **k: None)
+        n = sum(1 for _ in open(cfg.data.path))
+        checked = Checked(prompts=n, shards=math.ceil(n / cfg.pipeline.shard_size), fresh=True)
+        scheduler = Scheduler(cfg, manifest, out, lambda *a, **k: None, checked)
         scheduler.cluster = cluster
         finished = scheduler.finished  # writing a shard's file and the manifest, timed apart
 
