@@ -194,3 +194,9 @@ def cache_kwargs(module: torch.nn.Module, cache: Cache) -> dict:
     """The keyword that passes `cache` to this module's forward: `cache` in transformers >= 5.24
     (`past_key_values=` warns there, and goes in 5.40), `past_key_values` before."""
     return {_cache_keyword(type(module).forward): cache}
+
+
+def returned_cache(output) -> Cache | None:
+    """The cache a forward returned: `output.cache` in transformers >= 5.24, `past_key_values` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

@@ -48,7 +48,7 @@ import psutil
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from ivg.cache import cache_kwargs
+from ivg.cache import cache_kwargs, returned_cache
 from ivg.config import DecodeConfig, GenerationConfig, MethodConfig, Models, ModelSpec
 from ivg.engine import Engine, load_role, needed_roles
 from ivg.models import LoadedModel, load_tokenizer, pad_id, prompt_ids
@@ -155,7 +155,7 @@ class NaiveImplicitGuidance(LogitsProcessor):
             out = lm_call(m.model, ids, mask, cache, keep=1)
             self.tokens += int(mask[:, -ids.shape[1]:].sum())
             logps.append(torch.log_softmax(out.logits[:, -1].float(), -1))
-            state.append((out.cache, mask))
+            state.append((returned_cache(out), mask))
         self.state = state
         return scores + self.beta * (logps[0] - logps[1])
 

@@ -90,3 +90,17 @@ def test_merge_pads_with_zeros_and_checks_its_inputs():
     keys = merged.layers[0].keys
     assert keys.shape[0] == 2 and keys.shape[2] == 3 and (keys[1, :, :2] == 0).all()
     assert torch.equal(keys[1, :, 2], b.cache.layers[0].keys[0, :, 0])
+
+
+def test_the_returned_cache_is_found_under_either_transformers_name():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ivg.cache import returned_cache
+
+    with torch.no_grad():
+        out = model().model(torch.tensor([[3, 4, 5]]), use_cache=True)
+    found = returned_cache(out)
+    assert found is not None and found.get_seq_length() == 3
+    old = CausalLMOutputWithPast(logits=out.logits, past_key_values=found)  # transformers < 5.24 names it so
+    assert returned_cache(old) is found
+    assert returned_cache(CausalLMOutputWithPast(logits=out.logits)) is None
