@@ -5,8 +5,9 @@
 
 The config is a generate config (pipeline/config.py) whose `experiment:` section says which assets to
 fetch, where prompts come from and (optionally) which reward probe becomes models.explicit, and whose
-`train:` section trains the guides (ivg/train/): the trained folders become models.tuned/untuned (and
-models.explicit, a token reward model, unless the settings turn it off). The resolved config written
+`train:` section trains the guides (ivg/train/) on the prompts after the evaluated ones: the trained
+folders become models.tuned/untuned (and models.explicit, the token reward model, unless
+`train.token_rm: null`). The resolved config written
 with the run records every section, so a run says how its guides and probe were made.
 The default, jobs/configs/sentiment-default.yaml, runs offline on this 2-core CPU in minutes.
 """
@@ -51,17 +52,24 @@ def read_prompt_table(spec: PromptsConfig, where: str) -> list[tuple[str, str]]:
     return rows
 
 
-def make_prompts(spec: PromptsConfig, out: Path) -> tuple[Path, list[str]]:
-    """Evaluation prompts (a JSONL with id, prompt) and a disjoint list of training prompts."""
+def split_prompts(spec: PromptsConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """The shuffled table cut into consecutive blocks: `skip` rows left out, the `n` evaluated rows,
+    then the guide prompts (the rest, in order: held-out first, then training; ivg/train/layout.py)."""
     rows = read_prompt_table(spec, "experiment.prompts")
-    n = spec.n if spec.n is not None else len(rows) - spec.train_n
-    check(spec.train_n + n <= len(rows), "experiment.prompts.n", f"train_n + n = {spec.train_n + n} > {len(rows)} prompts")
+    n = spec.n if spec.n is not None else len(rows) - spec.skip
+    check(spec.skip + n <= len(rows), "experiment.prompts.n", f"skip + n = {spec.skip + n} > {len(rows)} prompts")
+    return rows[spec.skip:spec.skip + n], [t for _, t in rows[spec.skip + n:]]
+
+
+def make_prompts(spec: PromptsConfig, out: Path) -> tuple[Path, list[str], list[str]]:
+    """Evaluation prompts (a JSONL with id, prompt), their texts, and the guide prompts after them."""
+    evaluated, guide_prompts = split_prompts(spec)
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
     with open(prompts, "w") as f:
-        for i, text in rows[spec.train_n:spec.train_n + n]:
+        for i, text in evaluated:
             f.write(json.dumps({"id": i, "prompt": text}) + "\n")
-    return prompts, [t for _, t in rows[:spec.train_n]]
+    return prompts, [t for _, t in evaluated], guide_prompts
 
 
 def ensure_gold(spec: GoldSpec, log) -> GoldSpec:
@@ -89,14 +97,14 @@ def prepare(data: dict, out: Path, log) -> Config:
     fetch(list(experiment.assets), progress=lambda m: log(f"[assets] {m}"))
     if gold is not None:
         ensure_gold(gold, log)
-    prompts, train_prompts = make_prompts(experiment.prompts, out)
-    log(f"[prompts] {prompts} ({sum(1 for _ in open(prompts))} evaluation, {len(train_prompts)} training)")
+    prompts, evaluated, guide_prompts = make_prompts(experiment.prompts, out)
+    log(f"[prompts] {prompts} ({len(evaluated)} evaluation, {len(guide_prompts)} after them for the guides)")
     models = dict(data["models"])
     if train is not None:
         from ivg.train.guides import train_guides  # lazy: trl and peft load only when training
 
         label_with = train.gold or gold
-        paths = train_guides(train, train_prompts, GoldScorer(label_with).score, label_with, log=log)
+        paths = train_guides(train, guide_prompts, GoldScorer(label_with).score, label_with, evaluated, log=log)
         models.update({role: dataclasses.asdict(spec) for role, spec in paths.models().items()})
     if experiment.explicit_probe is not None:
         from ivg.train.probe import ensure_probe
