@@ -4,9 +4,17 @@ Rows of a batch are forked (a beam's children), reordered and dropped (finished 
 boundaries; `select_rows` does all three with one index, in place.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+
+def cache_kwarg(model) -> str:
+    """The name `forward` takes the cache by: `cache` since transformers 5.2x (where `past_key_values`
+    still works but warns on every call), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def new_cache() -> DynamicCache:

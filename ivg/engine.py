@@ -162,8 +162,9 @@ class Engine:
             "n_new_tokens": len(out.tokens) if out else 0,
             "model_tokens": out.model_tokens if out else {},
             "wall_s": wall if out else 0.0,
-            "score": out.score if out else None,
-            "chunk_scores": out.chunk_scores if out else [],
+            # a method without a chunk-level scorer has no scores: null, not an invented 0
+            "score": out.score if out and method.chunk != "none" else None,
+            "chunk_scores": out.chunk_scores if out and method.chunk != "none" else None,
             "status": "ok" if out else "failed",
             "error": error,
             "truncated": truncated,  # characters cut from the prompt's start

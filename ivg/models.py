@@ -9,6 +9,7 @@ whose weights cannot fit in its device's free memory is refused before any of th
 """
 
 import importlib.metadata
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,10 @@ class LoadedModel:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():  # torch's own error is a stack of internals
+        raise RuntimeError(f"device {device!r}: torch {torch.__version__} sees no CUDA device here "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use device: auto, "
+                           "or give this role a GPU (pipeline.servers.<role>.num_gpus)")
     return torch.device(device)
 
 

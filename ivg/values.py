@@ -24,14 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ivg.cache import cache_kwarg
 from ivg.guidance import explicit_value, implicit_value, upcast
 from ivg.models import LoadedModel, pad_id, prompt_ids, same_vocab
 from ivg.stream import Stream
 
 
 def lm_forward(model):
+    name = cache_kwarg(model)
+
     def forward(ids, mask, pos, cache, keep_all):
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, **{name: cache},
                      use_cache=True, logits_to_keep=0 if keep_all else 1).logits
     return forward
 
@@ -39,9 +42,10 @@ def lm_forward(model):
 def body_forward(model):
     """A causal sequence classifier's body: hidden states, for the head to read at the newest token."""
     body = model.base_model
+    name = cache_kwarg(body)
 
     def forward(ids, mask, pos, cache, keep_all):
-        hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, **{name: cache},
                       use_cache=True).last_hidden_state
         return hidden if keep_all else hidden[:, -1:]
     return forward

@@ -1,45 +1,58 @@
-"""Generate responses for every method of a config: `python -m jobs.generate --config FILE`.
+"""Generate responses for every method of a config: one Parquet file per shard under --output.
 
-Locally it starts an embedded Ray (`ray.init()` of its own); under `ray job submit` (RAY_ADDRESS is
-set) or with --address it joins that cluster. Flags override the config. See pipeline/coordinator.py.
+  ivg generate --config jobs/configs/smoke.yaml --output runs/smoke
+  ivg generate --config jobs/configs/smoke.yaml --output runs/smoke decode.max_new_tokens=4 --limit 4
+  ivg generate --config jobs/configs/smoke.yaml --output runs/smoke --dry-run     # check, load nothing
+  ivg submit -- generate --config jobs/configs/smoke.yaml --output /shared/runs/smoke   # on a cluster
 
-  python -m jobs.generate --config jobs/configs/smoke.yaml --output runs/smoke
-  RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-      python -m jobs.generate --config jobs/configs/smoke.yaml --output /tmp/smoke
+Config, output directory and the whole input are checked before Ray starts. Locally it starts an
+embedded Ray of its own; under `ray job submit` ($RAY_ADDRESS is set) or with --address it joins that
+cluster. A rerun into the same --output skips finished shards. Configs with `train:` or
+`experiment:` sections (sentiment-*.yaml, weak-to-strong.yaml) train their guides first: `ivg run`.
+Output layout and columns: README.md, "Outputs".
 """
 
-import argparse
-import os
 import sys
 
-import ray
-
-from pipeline.config import load_config
-from pipeline.coordinator import generate
+from jobs import cli
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
-    p.add_argument("--input", help="prompts: a Parquet / JSONL file or an HF datasets id (overrides data.path)")
-    p.add_argument("--output", help="output directory (overrides run.output); a rerun skips finished shards")
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
-    p.add_argument("--num-cpus", type=float, help="CPUs of the embedded Ray (default: all)")
-    return p.parse_args(argv)
+def parser(prog: str):
+    p = cli.parser(prog, __doc__)
+    cli.add_config_flags(p)
+    p.add_argument("--output", metavar="DIR", help="output directory (run.output); a rerun skips finished shards")
+    cli.add_run_flags(p)
+    cli.add_ray_flags(p)
+    return p
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    config = load_config(args.config, input=args.input, output=args.output)
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:  # "local": a fresh Ray of our own, never some other cluster found on this machine
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    try:
-        summary = generate(config)
-    finally:
-        ray.shutdown()
+def main(argv=None, prog: str = "python -m jobs.generate") -> int:
+    args = parser(prog).parse_intermixed_args(argv)
+    return cli.guarded(args, lambda: run(args))
+
+
+def run(args) -> int:
+    import os
+
+    from ivg.config import from_dict
+    from pipeline.config import Config
+
+    config = from_dict(Config, cli.config_data(args), "config")
+    if args.print_config:
+        cli.print_config(config.resolved())
+        return 0
+    from pipeline.coordinator import generate, preflight
+
+    cli.setup_logging()
+    local = not (args.address or os.environ.get("RAY_ADDRESS"))
+    checked = preflight(config, local=local)
+    print(f"[check] {config.data.path}: {checked.prompts} prompts in {checked.shards} shards x "
+          f"{len(config.methods)} methods -> {config.run.output}{' (new)' if checked.fresh else ''}",
+          file=sys.stderr, flush=True)
+    if args.dry_run:
+        return 0
+    with cli.ray_session(args):
+        summary = generate(config, checked=checked)
     print(f"[generate] {summary.status}: {summary.done} shards written, {summary.skipped} skipped, "
           f"{summary.failed} failed -> {summary.output}")
     return 0 if summary.status == "finished" else 1

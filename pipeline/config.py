@@ -23,7 +23,7 @@ from ivg.train.config import ProbeConfig, TrainConfig
 from pipeline.io import OUTPUT_SCHEMA
 
 
-SOURCES = ("auto", "parquet", "jsonl", "hf")
+SOURCES = ("auto", "parquet", "csv", "json", "jsonl", "disk", "hf")  # pipeline/io.py:read_prompts
 PLACEMENTS = ("auto", "separate", "colocated")
 ROLES = ("base", "implicit", "explicit")
 
@@ -41,9 +41,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str | None = None  # Parquet / JSONL file or HF datasets id (overridden by --input)
-    source: str = "auto"  # auto: by file suffix (.parquet, .jsonl/.json), else an HF datasets id
-    split: str = "train"  # HF datasets only
+    path: str | None = None  # Parquet, CSV, JSON, JSONL, a save_to_disk folder or an HF dataset id (--input)
+    source: str = "auto"  # auto: by suffix (.parquet, .csv/.tsv, .json/.jsonl/.ndjson) or folder, else an HF id
+    split: str = "train"  # HF datasets and DatasetDict folders
     subset: str | None = None  # HF datasets config name
     id_column: str | None = "id"  # null: the row number becomes the id
     prompt_column: str = "prompt"
@@ -69,14 +69,15 @@ class ServerSpec:
     """Ray resources of one model-server actor (and how many copies of it)."""
 
     num_cpus: float = 0.5
-    num_gpus: float = 0.0
+    # None: one GPU per server on a cluster that has GPUs (pipeline/coordinator.py:plan_servers), else 0
+    num_gpus: float | None = None
     replicas: int = 1  # search actors are spread over replicas; a session stays on one
     resources: dict[str, float] = field(default_factory=dict)  # custom node resources, e.g. {gpu_base: 1}
     torch_threads: int = 1  # intra-op threads; keep cpus * threads <= cores
 
     def validate(self, where: str) -> None:
         check(self.num_cpus >= 0, f"{where}.num_cpus", "must be >= 0")
-        check(self.num_gpus >= 0, f"{where}.num_gpus", "must be >= 0")
+        check(self.num_gpus is None or self.num_gpus >= 0, f"{where}.num_gpus", "must be >= 0 (or null: auto)")
         check(self.replicas >= 1, f"{where}.replicas", "must be >= 1")
         check(self.torch_threads >= 1, f"{where}.torch_threads", "must be >= 1")
 

@@ -6,17 +6,24 @@
      each to the least loaded search actor; every shard runs all methods, sharing the servers;
   4. check each result holds every (prompt, method) exactly once, write it atomically, record its
      rows and sha256 in the manifest, print progress; a shard that raised is retried, then marked failed.
+Before any of that, `preflight` checks what can be checked without an actor, in seconds and writing
+nothing: the output directory, the models' tokenizers and vocabularies, the GPUs a local run asks for,
+and the whole input. The jobs call it before Ray starts; a run that fails to start removes the output
+directory it created, so a failed start leaves nothing behind.
 Runs in the driver (`jobs/generate.py`). A driver killed at any moment loses only the shards in
 flight: a rerun into the same directory skips every shard whose file matches the manifest (or, if the
 driver died between writing a file and recording it, whose rows check out), and redoes the rest,
 including truncated or corrupt files (moved to DIR/corrupt/ for a look).
 """
 
-import math
+import json
+import logging
+import os
+import shutil
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,12 +34,27 @@ import yaml
 from ivg.config import ConfigError
 from ivg.engine import check_vocabularies, needed_roles
 from ivg.models import load_tokenizer
-from pipeline.config import Config
+from pipeline.config import Config, PipelineConfig, ServerSpec
 from ivg.files import remove_stale_temps, sha256_file, write_text
-from pipeline.io import Manifest, Shard, child_path, count_prompts, cut_shards, read_prompts, write_parquet_atomic
+from pipeline.io import Manifest, Shard, child_path, cut_shards, read_prompts, write_parquet_atomic
 from pipeline.remote import ServerRef
 from pipeline.search_actor import SearchActor, ShardResult
 from pipeline.servers import ModelServer
+
+log = logging.getLogger(__name__)
+
+
+class StartError(RuntimeError):
+    """An actor could not start (its model failed to load, or no node has its resources)."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What preflight found: the size of the run, for the plan and the progress bar."""
+
+    prompts: int  # input rows the run covers (after data.limit)
+    shards: int
+    fresh: bool  # the output directory does not exist yet
 
 
 @dataclass(frozen=True)
@@ -54,32 +76,60 @@ class Cluster:
 
 
 def start_cluster(config: Config) -> Cluster:
-    """Model servers and search actors, all starting at once (each imports torch: seconds)."""
+    """Model servers and search actors, all starting at once (each imports torch: seconds). Actors are
+    named (`ivg-base-0`, `ivg-search-1`: the dashboard shows them so), and a search actor finds its
+    servers by name, so no actor handle travels in a constructor's arguments."""
     p, gen = config.pipeline, config.generation
-    placement = p.placement
-    if placement == "auto":
-        placement = "separate" if ray.cluster_resources().get("GPU", 0) > 0 else "colocated"
     roles = needed_roles(gen)
+    placement, specs = plan_servers(p, roles, ray.cluster_resources().get("GPU", 0))
     groups = {"colocated": roles} if placement == "colocated" else {r: [r] for r in roles}
     servers = {}
     for name, served in groups.items():
-        spec = getattr(p.servers, name)
-        actor = ray.remote(ModelServer).options(
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=spec.resources or None,
-            max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
-        servers[name] = [actor.remote(gen, served, p.batch_window_ms, spec.torch_threads)
-                         for _ in range(spec.replicas)]
+        spec = specs[name]
+        options = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=spec.resources or None,
+                       max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
+        servers[name] = {f"ivg-{name}-{i}": ray.remote(ModelServer).options(name=f"ivg-{name}-{i}", **options).remote(
+            gen, served, p.batch_window_ms, spec.torch_threads) for i in range(spec.replicas)}
     # search actor k uses replica k % replicas of every server: its sessions stay on one replica
-    refs_for = [[ServerRef(handles[k % len(handles)], tuple(groups[name])) for name, handles in servers.items()]
+    refs_for = [[ServerRef(list(named)[k % len(named)], tuple(groups[name])) for name, named in servers.items()]
                 for k in range(p.search_actors)]
-    actor = ray.remote(SearchActor).options(num_cpus=p.search_cpus, max_restarts=p.max_restarts,
-                                            max_task_retries=p.max_task_retries)
-    searchers = [actor.remote(gen, refs, f"search-{k}", config.data.columns, config.data.truncate, p.call_timeout_s)
-                 for k, refs in enumerate(refs_for)]
-    wait_started({f"model server {name}[{i}]": h.info.remote() for name, hs in servers.items()
-                  for i, h in enumerate(hs)}, p.start_timeout_s)
-    wait_started({f"search actor {k}": s.ready.remote() for k, s in enumerate(searchers)}, p.start_timeout_s)
-    return Cluster(servers, searchers, placement)
+    options = dict(num_cpus=p.search_cpus, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
+    searchers = [ray.remote(SearchActor).options(name=f"ivg-search-{k}", **options).remote(
+        gen, refs, f"search-{k}", config.data.columns, config.data.truncate, p.call_timeout_s)
+        for k, refs in enumerate(refs_for)]
+    cluster = Cluster({name: list(named.values()) for name, named in servers.items()}, searchers, placement)
+    try:
+        wait_started({f"model server {name}": h.info.remote() for named in servers.values() for name, h in named.items()},
+                     p.start_timeout_s)
+        wait_started({f"search actor ivg-search-{k}": s.ready.remote() for k, s in enumerate(searchers)}, p.start_timeout_s)
+    except BaseException:  # the others may be up: stop them, and free their names for the next run
+        stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def plan_servers(p: PipelineConfig, roles: list[str], cluster_gpus: float) -> tuple[str, dict[str, ServerSpec]]:
+    """The placement and each server's resources on this cluster. `placement: auto` is an actor per role
+    when the cluster has a GPU for each of them, else one actor for all; a server whose num_gpus is
+    unset (null) gets one GPU when the cluster has any, else none. Asking for more GPUs than the
+    cluster has is said loudly: the servers wait for GPU nodes (an autoscaler may add some) until
+    pipeline.start_timeout_s."""
+    def gpus(spec: ServerSpec) -> ServerSpec:
+        return replace(spec, num_gpus=(1.0 if cluster_gpus > 0 else 0.0) if spec.num_gpus is None else spec.num_gpus)
+
+    separate = {r: gpus(getattr(p.servers, r)) for r in roles}
+    placement = p.placement
+    if placement == "auto":
+        wanted = sum(s.num_gpus * s.replicas for s in separate.values())
+        placement = "separate" if cluster_gpus > 0 and wanted <= cluster_gpus else "colocated"
+    specs = {"colocated": gpus(p.servers.colocated)} if placement == "colocated" else separate
+    wanted = sum(s.num_gpus * s.replicas for s in specs.values())
+    if wanted > cluster_gpus:
+        log.warning("pipeline.servers ask for %g GPU(s) (%s) but the cluster has %g: the servers wait for GPU "
+                    "nodes until pipeline.start_timeout_s=%gs", wanted,
+                    ", ".join(f"{n}: {s.num_gpus:g} x {s.replicas}" for n, s in specs.items() if s.num_gpus),
+                    cluster_gpus, p.start_timeout_s)
+    return placement, specs
 
 
 def wait_started(refs: dict, timeout_s: float) -> None:
@@ -88,13 +138,13 @@ def wait_started(refs: dict, timeout_s: float) -> None:
     _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     for name, ref in refs.items():
         if ref in pending:
-            raise RuntimeError(f"{name} did not start within pipeline.start_timeout_s={timeout_s:g}s; does the "
-                               f"cluster have the resources it asks for (pipeline.servers, search_cpus)?")
+            raise StartError(f"{name} did not start within pipeline.start_timeout_s={timeout_s:g}s; does the "
+                             f"cluster have the resources it asks for (pipeline.servers, search_cpus)?")
         try:
             ray.get(ref)
         except ray.exceptions.RayActorError as e:
             cause = [line for line in str(e).splitlines() if line.strip()][-1]
-            raise RuntimeError(f"{name} failed to start: {cause}") from None
+            raise StartError(f"{name} failed to start: {cause}") from None
 
 
 def stop_cluster(cluster: Cluster) -> None:
@@ -120,16 +170,77 @@ def server_stats(cluster: Cluster) -> dict:
             for name, handles in cluster.servers.items() for i, h in enumerate(handles)}
 
 
-def generate(config: Config, log=print) -> RunSummary:
+def preflight(config: Config, local: bool = False) -> Checked:
+    """Every check that needs no actor, in seconds and writing nothing: the config can be generated
+    as it is, the output directory, the GPUs a local run asks for (`local`: the Ray this process
+    starts, on this machine), the whole input (readable, its columns, ids unique) and the models'
+    tokenizers and vocabularies. Raises ConfigError / InputError naming the field, file or row."""
+    generation = config.generation  # refuses a config whose guides jobs.run trains first
+    fresh = check_output(config)
+    if local:
+        check_local_gpus(config)
+    d = config.data
+    prompts = shards = 0
+    for shard in cut_shards(read_input(config), config.pipeline.shard_size, d.limit):
+        prompts, shards = prompts + len(shard.rows), shards + 1
+    check_vocabularies(generation, tokenizers(config))
+    return Checked(prompts, shards, fresh)
+
+
+def check_output(config: Config) -> bool:
+    """run.output is set, writable, and not another config's; True if it does not exist yet."""
     if config.run.output is None:
-        raise ConfigError("run.output: needs an output directory (or --output DIR)")
+        raise ConfigError("run.output: needs an output directory (--output DIR)")
     out = Path(config.run.output)
-    # models and input are checked first, from tokenizers and the file's schema alone: a bad config
-    # or input fails in seconds, before any actor loads weights and before anything is written
-    check_vocabularies(config.generation, tokenizers(config))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.output: {out} exists and is not a directory")
+    manifest = out / "manifest.json"
+    if manifest.exists():  # Manifest.open refuses it again when the run starts
+        try:
+            theirs = json.loads(manifest.read_text()).get("fingerprint")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"run.output: {manifest} cannot be read ({e}); fix it or use a new output directory") from None
+        if theirs != config.fingerprint():
+            raise ConfigError(f"run.output: {out} holds outputs of another config (fingerprint {theirs} != "
+                              f"{config.fingerprint()}); use a new output directory")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output: cannot write to {existing}")
+    return not out.exists()
+
+
+def check_local_gpus(config: Config) -> None:
+    """On this machine, CUDA is what torch sees: a role that needs a GPU it does not have would wait
+    (num_gpus) or fail at load (device: cuda) after every other actor started."""
+    import torch
+
+    have = torch.cuda.device_count()
+    for role in ("base", "tuned", "untuned", "explicit"):
+        spec = getattr(config.models, role)
+        if spec is not None and spec.device.startswith("cuda") and not have:
+            raise ConfigError(f"models.{role}.device: {spec.device!r} but torch sees no CUDA device on this machine "
+                              f"(torch {torch.__version__}); use device: auto, or join a GPU cluster with --address")
+    asked = {name: getattr(config.pipeline.servers, name).num_gpus for name in ("base", "implicit", "explicit", "colocated")}
+    for name, n in asked.items():
+        if n and n > have:
+            raise ConfigError(f"pipeline.servers.{name}.num_gpus: asks for {n:g} GPU(s) but this machine has {have}; "
+                              "set it to 0 (or null), or join a GPU cluster with --address")
+
+
+def read_input(config: Config):
+    d = config.data
+    return read_prompts(d.path, d.source, split=d.split, subset=d.subset, id_column=d.id_column,
+                        prompt_column=d.prompt_column, columns=d.columns, batch_rows=d.read_batch_rows)
+
+
+def generate(config: Config, log=print, checked: Checked | None = None) -> RunSummary:
+    """Run every method over the input into config.run.output; `checked` is preflight's result when the
+    caller ran it already (the jobs do, before Ray starts)."""
+    checked = checked or preflight(config)
+    out = Path(config.run.output)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(out / "manifest.json", config.resolved(), config.fingerprint())
-    scheduler = Scheduler(config, manifest, out, log)
+    scheduler = Scheduler(config, manifest, out, log, checked)
     write_text(out / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
     remove_stale_temps(out / "shards", out)
     manifest.start_run(search_actors=config.pipeline.search_actors)
@@ -142,10 +253,13 @@ def generate(config: Config, log=print) -> RunSummary:
         status = "interrupted"
         raise
     finally:
+        scheduler.progress.close()
         placement = scheduler.cluster.placement if scheduler.cluster else None
         manifest.end_run(status, placement=placement, servers=stats)
         if scheduler.cluster:
             stop_cluster(scheduler.cluster)
+        if status in ("error", "interrupted") and checked.fresh and not scheduler.counts["done"]:
+            shutil.rmtree(out, ignore_errors=True)  # a failed start leaves nothing behind
     return RunSummary(out, status, counts["done"], counts["skipped"], counts["failed"], placement, stats)
 
 
@@ -153,25 +267,18 @@ class Scheduler:
     """The submit / wait / write loop, with its bookkeeping in one place. The actors start with the
     first shard that needs computing: a rerun of a finished run loads no model."""
 
-    def __init__(self, config: Config, manifest: Manifest, out: Path, log):
+    def __init__(self, config: Config, manifest: Manifest, out: Path, log, checked: Checked):
         self.config, self.manifest, self.out, self.log = config, manifest, out, log
         self.cluster: Cluster | None = None
-        d = config.data
-        batches = read_prompts(d.path, d.source, split=d.split, subset=d.subset, id_column=d.id_column,
-                               prompt_column=d.prompt_column, columns=d.columns, batch_rows=d.read_batch_rows)
-        self.shards = cut_shards(batches, config.pipeline.shard_size, d.limit)  # lazy: reads nothing yet
-        self.total: int | None = None  # shards in the input, when cheap to know
+        self.shards = cut_shards(read_input(config), config.pipeline.shard_size, config.data.limit)  # lazy
+        self.total = checked.shards
         self.retry: deque[tuple[Shard, int]] = deque()
         self.in_flight: dict = {}  # object ref -> (shard, search actor, attempt)
         self.load = [0] * config.pipeline.search_actors  # shards in flight per search actor
         self.counts = Counter(done=0, skipped=0, failed=0, prompts=0)
-        self.start = time.perf_counter()
+        self.progress = Progress(checked.prompts, log)
 
     def run(self) -> Counter:
-        d = self.config.data
-        n = count_prompts(d.path, d.source)
-        n = min(n, d.limit) if n is not None and d.limit else n
-        self.total = math.ceil(n / self.config.pipeline.shard_size) if n is not None else None
         while True:
             while len(self.in_flight) < self.config.pipeline.in_flight and (item := self.next_shard()):
                 self.submit(*item)
@@ -196,12 +303,13 @@ class Scheduler:
                 problem = self.verify(shard, path)
                 if problem is None:
                     self.counts["skipped"] += 1
+                    self.progress.skipped(len(shard.rows))
                     self.manifest.shard(shard.id, index=shard.index, state="done", prompts=len(shard.rows))
                     continue
                 aside = self.out / "corrupt"  # kept for a look, outside shards/ where readers glob
                 aside.mkdir(exist_ok=True)
                 path.replace(child_path(aside, path.name))
-                self.log(f"[generate] shard {shard.id}: {problem}; computing it again", file=sys.stderr)
+                self.progress.say(f"[generate] shard {shard.id}: {problem}; computing it again")
             return shard, 1
         return None
 
@@ -233,8 +341,13 @@ class Scheduler:
 
     def submit(self, shard: Shard, attempt: int) -> None:
         if self.cluster is None:
+            self.progress.say(f"[load] starting the model servers ({', '.join(needed_roles(self.config.generation))}) "
+                              f"and {self.config.pipeline.search_actors} search actor(s)")
+            start = time.perf_counter()
             self.cluster = start_cluster(self.config)
-            self.start = time.perf_counter()  # rates count searching, not loading
+            self.progress.say(f"[load] ready in {time.perf_counter() - start:.0f}s: placement {self.cluster.placement}, "
+                              f"servers {', '.join(f'{n} x {len(h)}' for n, h in self.cluster.servers.items())}")
+            self.progress.start()  # rates count searching, not loading
         actor = min(range(len(self.load)), key=self.load.__getitem__)
         self.load[actor] += 1
         self.in_flight[self.cluster.searchers[actor].run.remote(shard)] = (shard, actor, attempt)
@@ -244,31 +357,86 @@ class Scheduler:
     def finished(self, shard: Shard, result: ShardResult, attempt: int) -> None:
         if problem := self.missing_or_repeated(shard, result.table):
             return self.failed(shard, attempt, RuntimeError(f"shard {shard.id}: {problem}"))
-        digest = write_parquet_atomic(result.table, self.path(shard), {"ivg.shard": shard.id,
-                                                                       "ivg.fingerprint": self.config.fingerprint()})
+        digest = write_parquet_atomic(result.table, self.path(shard), {
+            "ivg.shard": shard.id, "ivg.fingerprint": self.config.fingerprint(),
+            "ivg.config": json.dumps(self.config.resolved())})  # each file says what made it
         self.counts["done"] += 1
         self.counts["prompts"] += len(shard.rows)
+        self.progress.done(len(shard.rows))
         self.manifest.shard(shard.id, state="done", rows=result.table.num_rows, failed_rows=result.failed_rows,
                             seconds=round(result.seconds, 3), attempts=attempt, error=None, sha256=digest)
-        self.progress(f"shard {shard.id}: {len(shard.rows)} prompts x {len(self.config.methods)} methods in "
+        self.shards_line(f"shard {shard.id}: {len(shard.rows)} prompts x {len(self.config.methods)} methods in "
                       f"{result.seconds:.1f}s, {result.failed_rows} failed rows")
 
     def failed(self, shard: Shard, attempt: int, error: Exception) -> None:
         retries = self.config.pipeline.shard_retries
         if retries < 0 or attempt <= retries:
             self.retry.append((shard, attempt + 1))
-            self.log(f"[generate] shard {shard.id} attempt {attempt} failed, retrying: {error!r}", file=sys.stderr)
+            self.progress.say(f"[generate] shard {shard.id} attempt {attempt} failed, retrying: {error!r}")
             return
         self.counts["failed"] += 1
+        self.progress.done(len(shard.rows))
         self.manifest.shard(shard.id, state="failed", attempts=attempt, error=repr(error)[:2000])
-        self.progress(f"shard {shard.id} FAILED after {attempt} attempts: {error!r}"[:500])
+        self.shards_line(f"shard {shard.id} FAILED after {attempt} attempts: {error!r}"[:500])
 
     def path(self, shard: Shard) -> Path:
         return child_path(self.out / "shards", f"{shard.id}.parquet")
 
-    def progress(self, what: str) -> None:
+    def shards_line(self, what: str) -> None:
         c = self.counts
         seen = c["done"] + c["skipped"] + c["failed"]
-        rate = c["prompts"] / max(time.perf_counter() - self.start, 1e-9)
-        self.log(f"[generate] {seen}/{self.total or '?'} shards ({c['skipped']} skipped, {c['failed']} failed) "
-                 f"| {rate:.2f} prompts/s | {what}", file=sys.stderr, flush=True)
+        self.progress.say(f"{seen}/{self.total} shards ({c['skipped']} skipped, {c['failed']} failed) | {what}",
+                          meter=True)
+
+
+class Progress:
+    """Prompts done / total, rate, elapsed and ETA: a live tqdm bar on a terminal; elsewhere (a `ray job`
+    log, a file) the bar's numbers on each shard's line. The rate counts prompts computed since the
+    servers were up (loading is a phase of its own; skipped shards cost nothing)."""
+
+    def __init__(self, total: int, log, live: bool | None = None, file=None):
+        from tqdm import tqdm
+
+        self.log, self.total, self.file = log, total, file or sys.stderr
+        self.live = log is print and self.file.isatty() if live is None else live
+        self.bar = tqdm(total=total, unit=" prompts", desc="[generate]", file=self.file, smoothing=0,
+                        dynamic_ncols=True, disable=not self.live)
+        self.n = self.initial = 0  # prompts accounted for; of those, skipped before the servers were up
+        self.started = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        self.initial = self.n
+        if self.live:
+            self.bar.reset(total=self.total)
+            self.bar.initial = self.bar.n = self.n
+            self.bar.refresh()
+
+    def skipped(self, n: int) -> None:
+        self.initial += n if self.started is not None else 0  # a skipped shard is no work: not in the rate
+        self.advance(n)
+
+    def done(self, n: int) -> None:
+        self.advance(n)
+
+    def advance(self, n: int) -> None:
+        self.n += n
+        if self.live:
+            self.bar.initial = self.initial
+            self.bar.update(n)
+
+    def meter(self) -> str:
+        from tqdm import tqdm
+
+        elapsed = time.perf_counter() - self.started if self.started is not None else 0.0
+        return tqdm.format_meter(self.n, self.total, elapsed, ncols=0, unit=" prompts", initial=self.initial)
+
+    def say(self, line: str, meter: bool = False) -> None:
+        """A line above the bar; `meter`: a shard's line, which carries the bar's numbers off a terminal."""
+        if self.live:
+            self.bar.write(f"[generate] {line}" if meter else line, file=self.file)
+        else:
+            self.log(f"[generate] {self.meter()} | {line}" if meter else line, file=self.file, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()

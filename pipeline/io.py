@@ -10,13 +10,16 @@ the manifest records its row count and sha256; a rerun skips a shard whose file 
 redoes one that is truncated or corrupt. A shard's file name is derived from its index and a hash of
 its ids, never from user input, and is checked to stay inside the output directory.
 
-Input rows are checked as they are read. A fault of the whole input (missing or mistyped column,
-unreadable or empty file, null or duplicate id) is an `InputError` naming the column or row; a fault
-of one prompt (null, empty, invalid UTF-8) travels with its row as `error` and becomes a failed
-output row, so its neighbours still run. Rows count from 0 in input order.
+Inputs: Parquet, CSV/TSV, JSON (an array of objects, or JSON lines), `datasets` save_to_disk folders
+(Dataset or DatasetDict) and HF hub datasets (read_prompts). Input rows are checked as they are read.
+A fault of the whole input (unsupported form, missing or mistyped column, unreadable or empty file,
+null or duplicate id) is an `InputError` naming the path and the column or row; a fault of one prompt
+(null, empty, text with no UTF-8 form) travels with its row as `error` and becomes a failed output
+row, so its neighbours still run. Rows count from 0 in input order.
 """
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +27,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from ivg.files import atomic_path, sha256_file, write_text
@@ -52,33 +54,47 @@ class InputError(ValueError):
     """The input cannot be read as prompts; the message names the file, column or row."""
 
 
+FORMATS = ("a Parquet file (.parquet), CSV (.csv, .tsv), JSON (.json: an array of objects, or one object per line), "
+           "JSON lines (.jsonl, .ndjson), a datasets save_to_disk folder, or an HF hub dataset id")
+SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
+
+
 def read_prompts(path: str, source: str = "auto", *, split: str = "train", subset: str | None = None,
                  id_column: str | None = "id", prompt_column: str = "prompt", columns=(),
                  batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
     """Record batches with `id`, `prompt` and the carried `columns`, in input order. The file is opened
-    and its columns checked now, so a bad input fails before any actor starts; rows are read lazily."""
-    kind = source if source != "auto" else _sniff(path)
+    and its columns checked now, so a bad input fails before any actor starts; rows are read lazily.
+    Sources: Parquet, CSV/TSV, JSON arrays and JSON lines, `Dataset.save_to_disk` folders (a Dataset,
+    or a DatasetDict's `split`), and HF hub datasets (or folders of data files datasets can read)."""
+    if ":" in path and not Path(path).exists():  # asset:<name> and the other schemes ivg.models knows
+        from ivg.models import resolve_name
+
+        path = resolve_name(path)
+    kind = {"jsonl": "json"}.get(source, source) if source != "auto" else _sniff(path)
     wanted = [c for c in (id_column, prompt_column, *columns) if c is not None]
     try:
         if kind == "parquet":
             file = pq.ParquetFile(path)
             _check_schema(file.schema_arrow, id_column, prompt_column, wanted, path)
             batches = file.iter_batches(batch_size=batch_rows, columns=wanted)
-        elif kind == "jsonl":
-            reader = pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=1 << 20))
-            _check_schema(reader.schema, id_column, prompt_column, wanted, path)
-            batches = (b.select(wanted) for b in reader)
+        elif kind == "csv":
+            batches = _csv_batches(path, id_column, prompt_column, wanted)
+        elif kind == "json":
+            batches = _json_batches(path, wanted, batch_rows)
+            first = next(batches, None)
+            if first is None:
+                raise InputError(f"{path}: no prompts (the input has no rows)")
+            _check_schema(first.schema, id_column, prompt_column, wanted, path)
+            batches = itertools.chain([first], batches)
         else:
-            import datasets  # lazy: only HF sources need it
-
-            ds = datasets.load_dataset(path, subset, split=split)
+            ds = _dataset(path, kind, split, subset)
             _check_schema(ds.data.schema, id_column, prompt_column, wanted, path)
             batches = (b for t in ds.select_columns(wanted).with_format("arrow").iter(batch_rows)
                        for b in t.to_batches())
     except InputError:
         raise
     except pa.ArrowInvalid as e:
-        if "Empty JSON" in str(e):
+        if "Empty" in str(e):  # "Empty CSV file"
             raise InputError(f"{path}: no prompts (the file is empty)") from None
         raise InputError(f"{path}: cannot read it as {kind}: {e}") from None
     except Exception as e:  # missing, unreadable, not this format: say which file and why
@@ -125,24 +141,132 @@ def _check_schema(schema: pa.Schema, id_column, prompt_column, wanted, path) -> 
                          "be strings")
 
 
-def count_prompts(path: str, source: str = "auto") -> int | None:
-    """Rows in the input when that is cheap to know (for progress); None for HF datasets."""
-    kind = source if source != "auto" else _sniff(path)
-    if kind == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    if kind == "jsonl":
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    return None
-
-
 def _sniff(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".parquet":
-        return "parquet"
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    return "hf"
+    p = Path(path)
+    if p.is_dir():  # save_to_disk writes state.json (a Dataset) or dataset_dict.json (a DatasetDict)
+        return "disk" if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file() else "hf"
+    kind = SUFFIXES.get(p.suffix.lower())
+    if kind is None and p.exists():
+        raise InputError(f"{path}: cannot read prompts from a {p.suffix or 'suffix-less'} file; expected {FORMATS}")
+    return kind or "hf"  # a name that is not a file here: an HF hub dataset id
+
+
+def _csv_batches(path, id_column, prompt_column, wanted) -> Iterator[pa.RecordBatch]:
+    """CSV (or TSV) with a header row. Ids and prompts are read as text as written ("007" stays
+    "007"); an empty field is an empty string; bytes that are not UTF-8 fail only their row."""
+    import pyarrow.csv as pa_csv
+
+    reader = pa_csv.open_csv(
+        path, read_options=pa_csv.ReadOptions(block_size=1 << 20),
+        parse_options=pa_csv.ParseOptions(delimiter="\t" if path.lower().endswith(".tsv") else ",",
+                                          newlines_in_values=True),
+        convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in (id_column, prompt_column) if c},
+                                              check_utf8=False, strings_can_be_null=False))
+    _check_schema(reader.schema, id_column, prompt_column, wanted, path)
+    return (b.select(wanted) for b in reader)
+
+
+def _json_batches(path, wanted, batch_rows) -> Iterator[pa.RecordBatch]:
+    """A JSON array of objects, or JSON lines, as record batches of the `wanted` keys (those the first
+    batch has: a key no row of it has is a missing column). A column keeps the JSON type it first has
+    (a change is an error naming the row); a string with no UTF-8 form (bytes that are not UTF-8, an
+    unpaired surrogate escape like "\\ud800") becomes bytes, which fail only their row (batch_rows)."""
+    kinds: dict[str, tuple[str, int]] = {}  # column -> (JSON type, the row that set it)
+    rows, keys = _json_rows(path), None
+    while chunk := list(itertools.islice(rows, batch_rows)):
+        keys = keys or [c for c in wanted if any(c in obj for _, obj in chunk)]
+        columns = {}
+        for c in keys:
+            for n, obj in chunk:
+                kind = _json_kind(obj.get(c))
+                first = kinds.setdefault(c, (kind, n)) if kind != "null" else None
+                if first and first[0] != kind:
+                    raise InputError(f"{path}: column {c!r} changed from {first[0]} to {kind} in row {n}")
+            columns[c] = _json_array([obj.get(c) for _, obj in chunk], path, c)
+        yield pa.RecordBatch.from_pydict(columns)
+
+
+def _json_rows(path) -> Iterator[tuple[int, dict]]:
+    """(row number, object) in file order. Bytes are decoded with surrogateescape so that text that is
+    not UTF-8 reaches its row (and fails it) instead of failing the file; blank lines are skipped."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 12).lstrip(b"\xef\xbb\xbf \t\r\n")  # a BOM, whitespace
+    if not head:
+        raise InputError(f"{path}: no prompts (the file is empty)")
+    if head.startswith(b"["):
+        try:
+            data = json.loads(Path(path).read_bytes().decode("utf-8", "surrogateescape").lstrip("\ufeff"))
+        except ValueError as e:
+            raise InputError(f"{path}: cannot read it as a JSON array: JSON parse error: {e}") from None
+        for n, obj in enumerate(data):
+            yield n, _json_object(obj, path, n)
+        return
+    n = 0
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            text = line.decode("utf-8", "surrogateescape")
+            try:
+                obj = json.loads(text.lstrip("\ufeff") if line_no == 1 else text)
+            except ValueError as e:
+                raise InputError(f"{path}: cannot read it as jsonl: JSON parse error in row {n} (line {line_no}): "
+                                 f"{e}") from None
+            yield n, _json_object(obj, path, n)
+            n += 1
+
+
+def _json_object(obj, path, n) -> dict:
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: row {n} is a JSON {_json_kind(obj)}, not an object with named fields "
+                         "(expected an array of objects, or one object per line)")
+    return obj
+
+
+def _json_kind(value) -> str:
+    """JSON's own names for a value's type (as pyarrow's JSON reader words them)."""
+    return ("null" if value is None else "boolean" if isinstance(value, bool) else
+            "number" if isinstance(value, (int, float)) else "string" if isinstance(value, str) else
+            "array" if isinstance(value, list) else "object")
+
+
+def _json_array(values: list, path, column: str) -> pa.Array:
+    if all(v is None or isinstance(v, str) for v in values):
+        try:
+            return pa.array(values, pa.string())
+        except UnicodeEncodeError:  # some strings have no UTF-8 form
+            return pa.array([None if v is None else _utf8_bytes(v) for v in values], pa.binary())
+    try:
+        return pa.array(values)
+    except (pa.ArrowException, UnicodeEncodeError, TypeError) as e:
+        raise InputError(f"{path}: column {column!r}: {e}") from None
+
+
+def _utf8_bytes(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")  # the file's own bytes back
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")  # an unpaired surrogate escape: bytes that are not UTF-8
+
+
+def _dataset(path: str, kind: str, split: str, subset: str | None):
+    """A `datasets.Dataset`: a save_to_disk folder, else load_dataset (a hub id, or a folder of files)."""
+    import datasets  # lazy: only these sources need it
+
+    if kind == "disk":
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise InputError(f"{path}: a DatasetDict without the split {split!r} (data.split); it has {sorted(ds)}")
+            ds = ds[split]
+        return ds
+    if not Path(path).exists() and not datasets.config.HF_HUB_OFFLINE:
+        from ivg.eval.alpaca import hub_reachable
+
+        if not hub_reachable():  # datasets would retry for half a minute before saying so
+            raise InputError(f"{path}: not a file or folder here, and the HF hub is unreachable to load it as a "
+                             f"dataset id (HF_HUB_OFFLINE=1 uses the HF cache); expected {FORMATS}")
+    return datasets.load_dataset(path, subset, split=split)
 
 
 # ---------------------------------------------------------------- shards

@@ -16,12 +16,15 @@ import ray
 
 @dataclass(frozen=True)
 class ServerRef:
-    handle: object  # a ModelServer actor handle
+    handle: object  # a ModelServer actor handle, or its actor name (looked up by RemoteRoles)
     roles: tuple[str, ...]  # the roles it serves (all of them when colocated)
 
 
 class RemoteRoles:
     def __init__(self, servers: list[ServerRef], client: str, timeout_s: float):
+        # by name: a handle in an actor's constructor arguments is an object-store reference, which
+        # Ray warns about on every start of an actor that may restart
+        servers = [ServerRef(ray.get_actor(s.handle), s.roles) if isinstance(s.handle, str) else s for s in servers]
         self.servers, self.client, self.timeout_s = servers, client, timeout_s
         self.server_of = {role: i for i, s in enumerate(servers) for role in s.roles}
         self.open_sessions: set[str] = set()  # sessions to drop if a search fails midway

@@ -45,7 +45,7 @@ class SearchActor:
                  truncate: str = "fail", call_timeout_s: float = 600.0, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)  # sampling only; the models live in the servers
         self.roles = RemoteRoles(servers, name, call_timeout_s)  # the same name after a restart
-        base = next(s.handle for s in servers if "base" in s.roles)
+        base = next(s.handle for s in self.roles.servers if "base" in s.roles)
         eos = ray.get(base.info.remote(), timeout=call_timeout_s)["eos"]  # the base model's EOS ids (its generation config too)
         self.engine = Engine(config, self.roles, load_tokenizer(config.models.base), set(eos), truncate)
         self.columns = columns

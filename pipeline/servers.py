@@ -26,6 +26,8 @@ actor) opens a session, any other session it still holds here was left by a sear
 by its previous life, before Ray restarted it) and is dropped: dead searches never leak caches.
 """
 
+import logging
+import os
 from collections import Counter, defaultdict
 
 import torch
@@ -35,6 +37,21 @@ from ivg.engine import eos_ids, load_role
 from ivg.models import load_tokenizer
 from ivg.stream import extend_together
 from pipeline.batching import Batcher
+
+
+log = logging.getLogger(__name__)
+
+
+def warn_if_gpus_unseen(roles: list[str]) -> None:
+    """Ray gave this server GPUs, but torch sees no CUDA device (a CPU-only torch build, a driver
+    problem): its models would silently run on the CPU. Say so where the run's log shows it."""
+    import ray
+
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    if gpus and not torch.cuda.is_available():
+        log.warning("WARNING: model server %s was given GPU(s) %s (CUDA_VISIBLE_DEVICES=%r) but torch %s sees no "
+                    "CUDA device: its models run on the CPU. Install a CUDA build of torch on this node, or set "
+                    "num_gpus: 0.", "/".join(roles), gpus, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.__version__)
 
 
 class SessionLost(RuntimeError):
@@ -53,6 +70,7 @@ class ModelServer:
     def __init__(self, config: GenerationConfig, roles: list[str], batch_window_ms: float = 0.0,
                  torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
+        warn_if_gpus_unseen(roles)
         self.base_tokenizer = load_tokenizer(config.models.base)
         self.roles = {name: load_role(name, config, self.base_tokenizer) for name in roles}
         self.window = batch_window_ms / 1000

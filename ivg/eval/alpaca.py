@@ -117,7 +117,7 @@ def glm_input_paths(glm_inputs=None) -> dict[str, str]:
         except Exception:
             if HF_HUB_OFFLINE:
                 raise GlmInputsMissing(_missing_message(f, "HF_HUB_OFFLINE=1 and it is not in the HF cache")) from None
-        if not _hub_reachable():  # hf_hub_download would retry for ~25 s before giving up
+        if not hub_reachable():  # hf_hub_download would retry for ~25 s before giving up
             raise GlmInputsMissing(_missing_message(f, f"not in the HF cache and {ENDPOINT} is unreachable"))
         try:
             out[f] = hf_hub_download(GLM_REPO, f, repo_type="dataset", etag_timeout=10)
@@ -126,7 +126,7 @@ def glm_input_paths(glm_inputs=None) -> dict[str, str]:
     return out
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
+def hub_reachable(timeout: float = 5.0) -> bool:
     from huggingface_hub.constants import ENDPOINT
 
     url = urlparse(ENDPOINT)

@@ -31,6 +31,7 @@ class GoldSpec:
     device: str = "cpu"
     dtype: str = "float32"  # one of GOLD_DTYPES
     max_length: int = 512  # tokens; longer texts are truncated (from the right)
+    revision: str | None = None  # hub models: a commit or tag that pins the weights (else the cached one)
 
     def validate(self, where: str = "gold") -> None:
         check(bool(self.name), f"{where}.name", "must be a model id or folder (offline_sentiment: 'auto' or a folder)")

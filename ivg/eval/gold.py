@@ -15,6 +15,7 @@ commutes with the mean, so `w · mean_t(h_t) + b == mean_t(w · h_t + b)`: the h
 ordinary HF folder (safetensors, no remote code) that the same classifier code loads.
 """
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -53,8 +54,8 @@ class GoldScorer:
             self.vader = SentimentIntensityAnalyzer()
             return
         path = offline_model(spec.name) if spec.kind == "offline_sentiment" else resolve_name(spec.name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = _load_classifier(path, DTYPES[spec.dtype]).to(spec.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision)
+        self.model = _load_classifier(path, DTYPES[spec.dtype], spec.revision).to(spec.device).eval()
         if self.tokenizer.pad_token is None:  # decoder reward models (GPT-2, Llama) often ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # *ForSequenceClassification finds the last token by it
@@ -98,8 +99,9 @@ class GoldScorer:
 
 def gold_identity(spec: GoldSpec) -> dict:
     """What a gold score depends on, as data: the spec's fields that change a score and the model's own
-    identity (its weights' build key or files, or the VADER version). Two scores with equal identities
-    are interchangeable; `device` and `batch_size` only change how fast they are computed."""
+    identity (its weights' build key or content hashes, a hub revision, or the VADER version). Two
+    scores with equal identities are interchangeable; `device` and `batch_size` only change how fast
+    they are computed. Computed without loading (or downloading) the model."""
     fields = {k: v for k, v in asdict(spec).items() if k not in ("device", "batch_size")}
     if spec.kind == "vader":
         import importlib.metadata
@@ -111,14 +113,35 @@ def gold_identity(spec: GoldSpec) -> dict:
         model = built["key"] if built else OfflineSentimentRecipe().key()
     else:
         name = resolve_name(spec.name)
-        model = input_identity(name) if Path(name).exists() else {"hub": name}
+        model = input_identity(name) if Path(name).exists() else hub_identity(name, spec.revision)
     return {"spec": fields, "model": model}
 
 
-def _load_classifier(path, dtype):
-    archs = AutoConfig.from_pretrained(path).architectures or []
+def scorer_id(identity: dict) -> str:
+    """A short name for a scorer identity: what the `<column>_scorer` columns of evaluated rows hold."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def hub_identity(repo: str, revision: str | None) -> dict:
+    """A hub model: the revision asked for, else the commit the local HF cache holds (no network).
+    None means nothing pins it yet: the first scoring downloads it, and the next run records its commit."""
+    from huggingface_hub import try_to_load_from_cache
+
+    commit = revision
+    if commit is None:
+        try:
+            cached = try_to_load_from_cache(repo, "config.json")
+        except Exception:  # not a valid repo id: it cannot have been scored either
+            cached = None
+        if isinstance(cached, str):  # <cache>/models--org--name/snapshots/<commit>/config.json
+            commit = Path(cached).parent.name
+    return {"hub": repo, "revision": commit}
+
+
+def _load_classifier(path, dtype, revision=None):
+    archs = AutoConfig.from_pretrained(path, revision=revision).architectures or []
     auto = AutoModelForTokenClassification if any(a.endswith("ForTokenClassification") for a in archs) else AutoModelForSequenceClassification
-    return auto.from_pretrained(path, dtype=dtype)
+    return auto.from_pretrained(path, dtype=dtype, revision=revision)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -155,8 +178,8 @@ class OfflineSentimentRecipe:
 
 
 def input_identity(name: str):
-    """What an input of a build is, for its key: an asset's pins (known without fetching it), a built
-    folder's own key, else a file's sha256 or a folder's file list with sizes."""
+    """What an input of a build (or a gold model) is: an asset's pins (known without fetching it), a
+    built folder's own key, else a file's sha256 or a folder's files with their sha256."""
     if name.startswith("asset:"):
         from ivg.offline.assets import ASSETS
 
@@ -169,8 +192,9 @@ def input_identity(name: str):
     built = marker(path) if path.is_dir() else None
     if built is not None:
         return built["key"]
+    # content, not sizes: a model retrained into the same folder keeps every file's size
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-    return {"path": str(path), "files": [[str(p.relative_to(path)), p.stat().st_size] for p in files]}
+    return {"path": str(path), "files": [[str(p.relative_to(path)), sha256_file(p)] for p in files]}
 
 
 def offline_model(name: str) -> Path:
@@ -242,9 +266,12 @@ def read_snippets(path) -> pd.DataFrame:
 @torch.no_grad()
 def embed(encoder, tokenizer, texts: list[str], batch_size: int, max_length: int) -> np.ndarray:
     """Mean-pooled last hidden states, (N, H). Batches are cut by length to waste little on padding."""
+    from tqdm import tqdm  # a dependency of transformers
+
     order = np.argsort([len(t) for t in texts])
     out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
-    for i in range(0, len(texts), batch_size):
+    # a live bar on a terminal (minutes under load), nothing in logs
+    for i in tqdm(range(0, len(texts), batch_size), desc="[gold] embedding snippets", unit="batch", disable=None):
         idx = order[i : i + batch_size]
         batch = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out[idx] = masked_mean(encoder(**batch).last_hidden_state, batch["attention_mask"]).numpy()

@@ -7,6 +7,7 @@ writes it), and the job CLI only sends the token when RAY_AUTH_MODE=token: so bo
 with RAY_AUTH_MODE=disabled here (or both with RAY_AUTH_MODE=token).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -47,12 +48,12 @@ def head_node():
 
 
 def test_ray_job_submit_runs_the_smoke_config(head_node, tmp_path):
+    """Through `ivg submit`, which is `ray job submit` recording this checkout's git revision."""
     address, env, temp_dir = head_node
     out = tmp_path / "smoke"
     submit = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--submission-id", f"ivg-smoke-{os.getpid()}",
-         "--working-dir", str(ROOT), "--", "python", "-m", "jobs.generate",
-         "--config", "jobs/configs/smoke.yaml", "--output", str(out)],
+        [sys.executable, "-m", "jobs.submit", "--address", address, "--submission-id", f"ivg-smoke-{os.getpid()}",
+         "--", "generate", "--config", "jobs/configs/smoke.yaml", "--output", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = submit.stdout + submit.stderr
     assert submit.returncode == 0, log
@@ -68,4 +69,7 @@ def test_ray_job_submit_runs_the_smoke_config(head_node, tmp_path):
     assert table.schema.field("model_tokens").type == pa.map_(pa.string(), pa.int64())
     assert table.schema.field("chunk_scores").type == pa.list_(pa.float64())
     assert (out / "manifest.json").exists() and (out / "config.yaml").exists()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    git = json.loads((out / "manifest.json").read_text())["runs"][-1]["git"]
+    assert (git["revision"], git["source"]) == (head, "IVG_GIT_REVISION")  # .rayignore: no .git in the upload
     assert processes_of(temp_dir)  # the cluster is still up: the fixture, not the job, stops it

@@ -32,7 +32,7 @@ def content(row: dict) -> dict:
             v = dict(v)
         elif isinstance(v, float):
             v = round(v, 9)
-        elif k == "chunk_scores":
+        elif k == "chunk_scores" and v is not None:  # None: the method has no chunk-level scorer
             v = [round(x, 9) for x in v]
         out[k] = v
     return out

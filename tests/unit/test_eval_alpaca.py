@@ -95,7 +95,7 @@ def test_reproduce_lc_cli(tmp_path):
         out = tmp_path / f"{model}.parquet"
         p = subprocess.run(
             [sys.executable, "-m", "jobs.evaluate", "--alpaca-annotations",
-             str(SHARED / "models" / model / "annotations.json.gz"), "--glm-inputs", str(SHARED / "glm"), "--out", str(out)],
+             str(SHARED / "models" / model / "annotations.json.gz"), "--glm-inputs", str(SHARED / "glm"), "--output", str(out)],
             capture_output=True, text=True, cwd=ROOT, timeout=120,
         )
         assert p.returncode == 0, p.stderr

@@ -65,6 +65,17 @@ BAD_INPUTS = {
     "not a Parquet file": (lambda d: (d / "a.parquet").write_bytes(b"hello, not parquet") and d / "a.parquet",
                            r"a.parquet: cannot read it as parquet: .*magic bytes"),
     "unreadable (a directory)": (lambda d: (d / "dir.jsonl").mkdir() or d / "dir.jsonl", r"dir.jsonl: cannot read"),
+    "unsupported file type": (lambda d: (d / "a.xlsx").write_bytes(b"PK") and d / "a.xlsx",
+                              r"a.xlsx: cannot read prompts from a .xlsx file; expected a Parquet file .*CSV"),
+    "a JSON object, not rows": (lambda d: (d / "a.json").write_text('{"id": ["a"], "prompt": ["x"]}') and d / "a.json",
+                                r"a.json: column 'id' \(data.id_column\) has type list"),
+    "JSON array of strings": (lambda d: (d / "a.json").write_text('["x", "y"]') and d / "a.json",
+                              r"a.json: row 0 is a JSON string, not an object"),
+    "broken JSON array": (lambda d: (d / "a.json").write_text('[{"id": "a", "prompt": "x"},') and d / "a.json",
+                          r"a.json: cannot read it as a JSON array: JSON parse error"),
+    "empty CSV file": (lambda d: (d / "a.csv").write_text("") or d / "a.csv", r"a.csv: no prompts \(the file is empty\)"),
+    "CSV without the column": (lambda d: (d / "a.csv").write_text("id,text\na,x\n") and d / "a.csv",
+                               r"a.csv: missing column\(s\) \['prompt'\]"),
 }
 
 
@@ -90,6 +101,41 @@ def test_bad_prompt_travels_as_its_rows_error_and_spares_its_neighbours(tmp_path
     line, error = BAD_ROWS[case]
     rows = shard_rows(jsonl(tmp_path / "a.jsonl", b'{"id": "a", "prompt": "x"}', line, b'{"id": "c", "prompt": "z"}'))
     assert [(r["id"], r["error"]) for r in rows] == [("a", None), ("b", error), ("c", None)]
+
+
+UNDECODABLE = {  # strings that have no UTF-8 form, in each text format: each fails its own row only
+    "JSONL, an unpaired surrogate escape": ("a.jsonl", b'{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "x \\ud800 y"}\n'
+                                            b'{"id": "c", "prompt": "z"}\n'),
+    "JSON array, an unpaired surrogate escape": ("a.json", b'[{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "x \\udfff"},'
+                                                 b' {"id": "c", "prompt": "z"}]'),
+    "JSON array, bytes that are not UTF-8": ("a.json", b'[{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "caf\xe9"},'
+                                             b' {"id": "c", "prompt": "z"}]'),
+    "CSV, bytes that are not UTF-8": ("a.csv", b'id,prompt\na,x\nb,caf\xe9\nc,z\n'),
+}
+
+
+@pytest.mark.parametrize("case", UNDECODABLE)
+def test_an_undecodable_string_fails_only_its_row(tmp_path, case):
+    name, data = UNDECODABLE[case]
+    (tmp_path / name).write_bytes(data)
+    rows = shard_rows(tmp_path / name)
+    assert [r["id"] for r in rows] == ["a", "b", "c"] and rows[0]["error"] is rows[2]["error"] is None
+    assert rows[1]["error"].startswith("prompt is not valid UTF-8 (byte ")
+
+
+def test_csv_ids_and_prompts_stay_text_as_written(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b'id,prompt,n\n007,"two\nlines, one comma",1\n8,,2\n')
+    rows = shard_rows(tmp_path / "a.csv", columns=("n",))
+    assert [(r["id"], r["prompt"], r["n"], r["error"]) for r in rows] == [
+        ("007", "two\nlines, one comma", 1, None), ("8", "", 2, "prompt is empty")]
+
+
+def test_an_hub_id_without_the_hub_fails_at_once_naming_the_path(monkeypatch):
+    from ivg.eval import alpaca
+
+    monkeypatch.setattr(alpaca, "hub_reachable", lambda: False)
+    with pytest.raises(InputError, match=r"org/no-such-set: not a file or folder here, and the HF hub is unreachable"):
+        read_prompts("org/no-such-set")
 
 
 def test_invalid_utf8_in_a_parquet_binary_column_is_a_failed_row(tmp_path):

@@ -16,16 +16,29 @@ def rows_of(batches) -> list[dict]:
     return [r for b in batches for r in b.to_pylist()]
 
 
-def test_parquet_jsonl_and_hf_dataset_read_the_same_rows(tmp_path):
+def test_every_input_form_reads_the_same_rows(tmp_path):
+    """Parquet, CSV, TSV, a JSON array, JSON lines, save_to_disk folders (Dataset, DatasetDict) and a
+    folder of data files (what load_dataset reads, as it would a hub id)."""
+    import datasets
+
     jsonl = write_prompts(tmp_path / "p.jsonl", PROMPTS)
-    table = pa.Table.from_pylist([json.loads(line) for line in jsonl.read_text().splitlines()])
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    table = pa.Table.from_pylist(records)
     pq.write_table(table, tmp_path / "p.parquet")
+    table.to_pandas().to_csv(tmp_path / "p.csv", index=False)
+    table.to_pandas().to_csv(tmp_path / "p.tsv", index=False, sep="\t")
+    (tmp_path / "p.json").write_text(json.dumps(records, indent=2))
+    (tmp_path / "lines.json").write_text(jsonl.read_text())  # .json holding JSON lines
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "disk"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(records)}).save_to_disk(str(tmp_path / "dict"))
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "train.jsonl").write_text(jsonl.read_text())  # a local HF datasets "id"
+    (tmp_path / "hf" / "train.jsonl").write_text(jsonl.read_text())
     want = [{"id": f"p{i}", "prompt": p, "dataset": "test"} for i, p in enumerate(PROMPTS)]
-    for path in (jsonl, tmp_path / "p.parquet", tmp_path / "hf"):
-        assert rows_of(io.read_prompts(str(path), columns=("dataset",), batch_rows=3)) == want, path
-    assert io.count_prompts(str(jsonl)) == io.count_prompts(str(tmp_path / "p.parquet")) == 7
+    for name in ("p.jsonl", "p.parquet", "p.csv", "p.tsv", "p.json", "lines.json", "disk", "hf"):
+        assert rows_of(io.read_prompts(str(tmp_path / name), columns=("dataset",), batch_rows=3)) == want, name
+    assert rows_of(io.read_prompts(str(tmp_path / "dict"), split="test", columns=("dataset",))) == want
+    with pytest.raises(io.InputError, match=r"dict: a DatasetDict without the split 'train' \(data.split\); it has \['test'\]"):
+        io.read_prompts(str(tmp_path / "dict"))
 
 
 def test_other_column_names_and_row_number_ids(tmp_path):
