@@ -39,7 +39,7 @@ class ModelSpec:
     name: str  # hub id, local folder, GGUF file/folder, `tiny:<x>` / `tiny-b:<x>`, or `asset:<name>`
     kind: str = "causal_lm"  # causal_lm | token_reward (LM body + vocab head = Q(s,.)) | classifier
     gguf_file: str | None = None  # file name inside `name` (a folder or hub repo) to load GGUF weights
-    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
+    dtype: str = "auto"  # auto = bfloat16 on GPU and, decoding, on CPUs with native bf16; else float32
     device: str = "auto"  # auto = cuda if available, else cpu
     # How this model sees the prompt: a format string with {prompt}, "chat" for the tokenizer's chat
     # template, or None for the bare prompt. The paper's IMDB base sees a template, the guides do not.

@@ -8,19 +8,50 @@ import time
 
 from ivg.config import AUTO, TRUNCATE, ConfigError, GenerationConfig, MethodConfig, check
 from ivg.models import load, load_tokenizer, same_vocab
+from ivg.protocol import Check, Close, Cut, Open, Room, Sample
 from ivg.sampling import Stopper
 from ivg.search import search
 from ivg.values import BaseRole, ImplicitRole, explicit_role
 
 
 class LocalRoles:
-    """Roles in this process; `call` runs one method per role, one after another."""
+    """Roles in this process; `call` answers one message per role (ivg/protocol.py), one after another:
+    a Sample last, handed the v(s, .) tensor of the Step it names (which the caller does not get)."""
 
     def __init__(self, roles: dict):
         self.roles = roles
+        self.open_sessions: set[str] = set()  # to drop if a search fails midway
 
-    def call(self, calls: dict) -> dict:
-        return {name: getattr(self.roles[name], method)(*args) for name, (method, args) in calls.items()}
+    def call(self, messages: dict) -> dict:
+        for m in messages.values():
+            if isinstance(m, Open):
+                self.open_sessions.add(m.sid)
+        out = answer(self.roles, messages)
+        for m in messages.values():
+            if isinstance(m, Close):
+                self.open_sessions.discard(m.sid)
+        return out
+
+    def drop_open_sessions(self) -> None:
+        """After a failed search: forget its sessions (their caches would otherwise stay)."""
+        for role in self.roles.values():
+            for sid in self.open_sessions:
+                role.sessions.pop(sid, None)
+        self.open_sessions = set()
+
+
+def answer(roles: dict, messages: dict, value_of=None) -> dict:
+    """{role: message} -> {role: result} by roles in this process. A Sample takes its value from the Step
+    of the role it names in the same call, or, if that role is not in the call, `value_of(sample)`."""
+    out = {name: roles[name].handle(m) for name, m in messages.items() if not isinstance(m, Sample)}
+    for name, m in messages.items():
+        if isinstance(m, Sample):
+            if m.value_from in messages:
+                value, out[m.value_from] = out[m.value_from], None
+            else:
+                value = value_of(m) if m.value_from else None
+            out[name] = roles[name].handle(m, value)
+    return out
 
 
 def check_vocabularies(config: GenerationConfig, tokenizers: dict) -> None:
@@ -59,10 +90,10 @@ def needed_roles(config: GenerationConfig) -> list[str]:
 def load_role(name: str, config: GenerationConfig, base_tokenizer):
     models = config.models
     if name == "base":
-        return BaseRole([load(models.base)], base_tokenizer)
+        return BaseRole([load(models.base, decoding=True)], base_tokenizer)
     if name == "implicit":
-        return ImplicitRole(load(models.tuned), load(models.untuned), base_tokenizer)
-    return explicit_role(load(models.explicit), base_tokenizer)
+        return ImplicitRole(load(models.tuned, decoding=True), load(models.untuned, decoding=True), base_tokenizer)
+    return explicit_role(load(models.explicit, decoding=True), base_tokenizer)
 
 
 def eos_ids(base_tokenizer, base_generation_config=None) -> set[int]:
@@ -115,12 +146,12 @@ class Engine:
         limits, room_errors = self.room(prompts, used) if auto else ([max_new] * len(rows), [None] * len(rows))
         cuts = [0] * len(rows)
         if self.truncate == "left":  # the longest cut any role needs fits them all
-            needed = self.roles.call({r: ("cut", (prompts, max_new)) for r in used})
-            cuts = [max(c[i] for c in needed.values()) for i in range(len(rows))]
+            needed = self.roles.call({r: Cut(tuple(prompts), max_new) for r in used})
+            cuts = [max(c.chars[i] for c in needed.values()) for i in range(len(rows))]
             prompts = [p[k:] for p, k in zip(prompts, cuts)]
-        checks = self.roles.call({r: ("check", (prompts, 1 if auto else max_new)) for r in used})
-        errors = [room_errors[i] or next((f"{r}: {c[i]}" for r, c in sorted(checks.items()) if c[i]), None)
-                  for i in range(len(rows))]
+        checks = self.roles.call({r: Check(tuple(prompts), 1 if auto else max_new) for r in used})
+        errors = [room_errors[i] or next((f"{r}: {c.errors[i]}" for r, c in sorted(checks.items()) if c.errors[i]),
+                                         None) for i in range(len(rows))]
         ok = [i for i, e in enumerate(errors) if e is None]
         start = time.perf_counter()
         outputs = search([str(rows[i]["id"]) for i in ok], [prompts[i] for i in ok], method,
@@ -133,10 +164,10 @@ class Engine:
     def room(self, prompts: list[str], used: set[str]) -> tuple[list, list]:
         """max_new_tokens: auto. Per prompt, the fewest tokens any model of the used roles has left in
         its context after its own view of the prompt, and why there is none (None: there is room)."""
-        rooms = self.roles.call({r: ("room", (prompts,)) for r in used})
+        rooms = self.roles.call({r: Room(tuple(prompts)) for r in used})
         limits, errors = [], []
         for i in range(len(prompts)):
-            known = {r: c[i] for r, c in sorted(rooms.items()) if c[i] is not None}
+            known = {r: c.tokens[i] for r, c in sorted(rooms.items()) if c.tokens[i] is not None}
             limit = min(known.values(), default=None)
             limits.append(limit)
             if limit is None:

@@ -8,6 +8,7 @@ sets it; safetensors are preferred and pickle checkpoints are refused unless `al
 whose weights cannot fit in its device's free memory is refused before any of them is allocated.
 """
 
+import functools
 import importlib.metadata
 import os
 from dataclasses import dataclass
@@ -43,10 +44,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, decoding: bool = False) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU; on a CPU, bfloat16 for decoding where the CPU multiplies bf16 natively
+    (AVX512-BF16 or AMX-BF16: 2.2x the float32 speed of SmolLM2 decoding on an AMD EPYC here, the gold
+    reward within its interval; README), float32 otherwise (and always for training)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (decoding and cpu_has_bf16()):
+            return torch.bfloat16
+        return torch.float32
     return getattr(torch, dtype)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Native bf16 dot products on this CPU (Linux: its flags). Without them oneDNN emulates bf16, slower
+    than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 # scheme -> resolve(rest of the name) -> local path; filled by register_scheme or entry points
@@ -101,9 +118,10 @@ def pad_id(tokenizer) -> int:
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def load(spec: ModelSpec, allow_pickle: bool = False) -> LoadedModel:
+def load(spec: ModelSpec, allow_pickle: bool = False, decoding: bool = False) -> LoadedModel:
+    """`decoding`: the model only decodes (no training), which lets `dtype: auto` pick bf16 on a CPU."""
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    dtype = resolve_dtype(spec.dtype, device, decoding)
     if is_tiny(spec.name):
         model, tok = tiny_model(spec.name, spec.kind, dtype=dtype, device=device)
         return LoadedModel(spec, model.to(device), tok)

@@ -7,20 +7,24 @@ as in the paper's code); stop when all kept beams are finished; return the best.
 W=1, K=N, L=None is Best-of-N; W=K=1 is plain (or token-wise guided) sampling.
 
 All rows of all prompts form one batch: one forward per model per token. The search only decides;
-models live behind `roles.call` (in-process, or Ray actors), which serves the protocol of
-ivg/values.py. Every model keeps its own KV cache per row; rows are forked at chunk boundaries.
-Models are fed lazily: a row's newest token reaches the base with the next step's forward, so a
-finished row never costs another forward.
+models live behind `roles.call({role: message})` (in-process, or Ray actors), with the messages of
+ivg/protocol.py. Per token step the search sends each row's newest token and one uniform drawn from
+its prompt's RNG stream; the base samples (with the token-wise value, which never reaches the
+search) and returns the token and the value at it. Every model keeps its own KV cache per row; rows
+are forked at chunk boundaries. Models are fed lazily: a row's newest token reaches the models with
+the next step's forward, so a finished row never costs another forward.
+Per-row state during a chunk is tensors over the rows: a step is a few tensor operations.
 """
 
 import uuid
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from ivg.config import DecodeConfig, MethodConfig
-from ivg.guidance import TokenGuidance, upcast
-from ivg.sampling import Stopper, prompt_generator, sample
+from ivg.protocol import Chunk, Close, Open, Sample, Sampling, Select, Step, StepAt
+from ivg.sampling import Stopper, prompt_generator
 
 
 @dataclass
@@ -71,23 +75,26 @@ class Search:
         self.token_role = None if method.token == "none" else method.token
         self.chunk_role = None if method.chunk == "none" else method.chunk
         self.used = ["base"] + sorted({r for r in (self.token_role, self.chunk_role) if r})
-        self.guide = TokenGuidance(method.beta_token) if self.token_role else None
         self.gens = [prompt_generator(seed, pid) for pid in prompt_ids]
         self.sid = uuid.uuid4().hex
 
-    def call(self, method: str, *args) -> dict:
-        """The same call to every role this method uses."""
-        return self.roles.call({r: (method, (self.sid, *args)) for r in self.used})
+    def call(self, message) -> dict:
+        """One message per role this method uses: message(role) -> a protocol message."""
+        return self.roles.call({r: message(r) for r in self.used})
 
     def run(self, prompts: list[str]) -> list[SearchOutput]:
-        self.call("open", prompts, list(range(len(prompts))))
+        sampling = Sampling(self.method.beta_token, self.decode)
+        opened = self.call(lambda r: Open(self.sid, tuple(prompts), tuple(range(len(prompts))),
+                                          sampling if r == "base" else None))
+        self.needs_text = self.chunk_role is not None and opened[self.chunk_role].needs_text
         kept = [[Beam([], row=p)] for p in range(len(prompts))]
         first = True
         while any(not b.done for beams in kept for b in beams):
             # 1. expand: each unfinished beam gets K children (W*K for the prompt itself)
             children = [Child(p, b.child()) for p, beams in enumerate(kept) for b in beams if not b.done
                         for _ in range(self.W * self.K if first else self.K)]
-            self.call("select", [c.beam.row for c in children])
+            rows = np.array([c.beam.row for c in children], dtype=np.int64)
+            self.call(lambda r: Select(self.sid, rows))
             # 2. sample L tokens for every child
             new = self.sample_chunk([c.beam for c in children], [c.prompt for c in children])
             # 3. score every child's prefix
@@ -95,46 +102,56 @@ class Search:
             # 4. keep the top W per prompt, finished beams (once, or K copies) competing with the children
             kept = keep_top(kept, children, scores, self.W, self.method.finished, self.K)
             first = False
-        counts = self.call("close")
+        counts = self.call(lambda r: Close(self.sid))
         return [SearchOutput(beams[0].tokens, self.stopper.text(beams[0].tokens), beams[0].score, beams[0].scores,
-                             {r: int(counts[r].get(p, 0)) for r in self.used}) for p, beams in enumerate(kept)]
+                             {r: int(counts[r].tokens.get(p, 0)) for r in self.used}) for p, beams in enumerate(kept)]
 
     def sample_chunk(self, beams: list[Beam], prompt_of: list[int]) -> list[list[int]]:
         """Grow each beam (row i of the sessions) by up to L tokens; returns the new tokens per row.
-        A beam's newest token has not reached the models yet (lazy feeding)."""
-        pending = [[b.tokens[-1]] if b.tokens else [] for b in beams]
-        new = [[] for _ in beams]
-        rows_of = {}
-        for i, p in enumerate(prompt_of):
-            rows_of.setdefault(p, []).append(i)
-        for _ in range(self.L):
-            live = [i for i, b in enumerate(beams) if not b.done]
-            if not live:
+        A beam's newest token has not reached the models yet (lazy feeding). Rows of a prompt are
+        consecutive (children are made prompt by prompt)."""
+        R = len(beams)
+        pending = torch.tensor([b.tokens[-1] if b.tokens else -1 for b in beams], dtype=torch.long)  # (R,) not yet fed
+        length = torch.tensor([len(b.tokens) for b in beams], dtype=torch.long)  # (R,) response tokens
+        done = torch.zeros(R, dtype=torch.bool)  # children of unfinished beams start live
+        log_ratio = torch.tensor([b.log_ratio for b in beams], dtype=torch.float64)  # (R,)
+        last_q = torch.tensor([b.last_q for b in beams], dtype=torch.float64)  # (R,)
+        new = torch.full((R, self.L), -1, dtype=torch.long)  # (R, L) this chunk's tokens, -1 = none
+        limits = torch.tensor([self.max_new[p] for p in prompt_of], dtype=torch.long)  # (R,) max_new_tokens
+        spans = prompt_spans(prompt_of)  # [(prompt, first row, end row)]
+        starts, ends = (torch.tensor(x, dtype=torch.long) for x in zip(*[(a, b) for _, a, b in spans]))
+
+        def history(i: int) -> list[int]:
+            return beams[i].tokens + [t for t in new[i].tolist() if t >= 0]
+
+        for step in range(self.L):
+            live = ~done
+            if not bool(live.any()):
                 break
-            out = self.roles.call({r: ("next", (self.sid, pending)) for r in ["base", self.token_role] if r})
-            logits = torch.as_tensor(out["base"])
-            value = torch.as_tensor(out[self.token_role]) if self.token_role else None
-            z = upcast(logits) if value is None else self.guide(logits, value)
-            uniforms = torch.zeros(len(beams), dtype=torch.float64)
-            for p, rows in rows_of.items():  # a prompt draws while any of its rows is live
-                if any(not beams[i].done for i in rows):
-                    uniforms[rows] = torch.rand(len(rows), generator=self.gens[p], dtype=torch.float64)
-            tokens = sample(z, uniforms, self.decode).tolist()
-            picked = value.gather(-1, torch.tensor(tokens, device=value.device)[:, None]).squeeze(-1).tolist() \
-                if value is not None else None
-            pending = [[] for _ in beams]
-            for i in live:
-                b = beams[i]
-                b.tokens.append(tokens[i])
-                new[i].append(tokens[i])
-                if self.token_role == "implicit":
-                    b.log_ratio += picked[i]
-                elif self.token_role == "explicit":
-                    b.last_q = picked[i]
-                b.done = self.stopper.done(b.tokens, self.max_new[prompt_of[i]])
-                if not b.done:
-                    pending[i] = [tokens[i]]
-        return new
+            # a prompt draws one uniform per row while any of its rows is live (as ivg/reference.py)
+            live_before = torch.cat([torch.zeros(1, dtype=torch.long), live.cumsum(0)])  # (R + 1,)
+            drawing = (live_before[ends] > live_before[starts]).tolist()  # [prompts]
+            uniforms = torch.cat([torch.rand(b - a, generator=self.gens[p], dtype=torch.float64) if d
+                                  else torch.zeros(b - a, dtype=torch.float64)
+                                  for (p, a, b), d in zip(spans, drawing)])
+            messages = {"base": Sample(self.sid, pending.numpy(), uniforms.numpy(), value_from=self.token_role)}
+            if self.token_role:
+                messages[self.token_role] = Step(self.sid, pending.numpy())
+            sampled = self.roles.call(messages)["base"]
+            tokens = torch.tensor(sampled.tokens, dtype=torch.long)
+            new[:, step] = torch.where(live, tokens, -1)
+            length += live.to(torch.long)
+            if self.token_role == "implicit":
+                log_ratio[live] += torch.tensor(sampled.value, dtype=torch.float64)[live]
+            elif self.token_role == "explicit":
+                last_q[live] = torch.tensor(sampled.value, dtype=torch.float64)[live]
+            done = done | (live & self.stopper.stops(tokens, length, history, limits))
+            pending = torch.where(live & ~done, tokens, -1)
+        chunk = [[t for t in row if t >= 0] for row in new.tolist()]
+        for b, toks, d, lr, q in zip(beams, chunk, done.tolist(), log_ratio.tolist(), last_q.tolist()):
+            b.tokens.extend(toks)
+            b.done, b.log_ratio, b.last_q = d, lr, q
+        return chunk
 
     def score(self, beams: list[Beam], new: list[list[int]]) -> list[float]:
         """The chunk-level value of each beam's whole prefix, times beta_chunk."""
@@ -147,8 +164,9 @@ class Search:
             values = [b.log_ratio if self.chunk_role == "implicit" else b.last_q for b in beams]
         else:
             new = [n + [self.stopper.tokenizer.eos_token_id] if e else n for n, e in zip(new, eos)]
-            texts = [self.stopper.text(b.tokens) for b in beams]
-            values = self.roles.call({self.chunk_role: ("chunk", (self.sid, new, texts))})[self.chunk_role]
+            texts = tuple(self.stopper.text(b.tokens) for b in beams) if self.needs_text else None
+            chunk = Chunk(self.sid, tuple(map(tuple, new)), texts)
+            values = self.roles.call({self.chunk_role: chunk})[self.chunk_role].values.tolist()
         return [self.method.beta_chunk * float(v) for v in values]
 
     def appends_eos(self, beams: list[Beam]) -> list[bool]:
@@ -163,14 +181,26 @@ class Search:
         """Token-wise and chunk-level share the role: its value at EOS after each `eos` row's response.
         Lazy feeding left each row's newest token out of the models; feed it (to this role only) and
         read the EOS entry: log-ratio(EOS) joins the implicit sum, Q(s, EOS) becomes the explicit value."""
-        pending = [[b.tokens[-1]] if e else [] for b, e in zip(beams, eos)]
-        out = self.roles.call({self.chunk_role: ("next", (self.sid, pending))})[self.chunk_role]
-        at_eos = torch.as_tensor(out)[:, self.stopper.tokenizer.eos_token_id].tolist()  # (rows,)
+        pending = np.array([b.tokens[-1] if e else -1 for b, e in zip(beams, eos)], dtype=np.int64)
+        at = StepAt(self.sid, pending, self.stopper.tokenizer.eos_token_id)
+        at_eos = self.roles.call({self.chunk_role: at})[self.chunk_role].values.tolist()  # (rows,)
         for b, e, v in zip(beams, eos, at_eos):
             if e and self.chunk_role == "implicit":
                 b.log_ratio += v
             elif e:
                 b.last_q = v
+
+
+def prompt_spans(prompt_of: list[int]) -> list[tuple[int, int, int]]:
+    """[(prompt, first row, end row)] of rows grouped by prompt, in row order."""
+    spans = []
+    for i, p in enumerate(prompt_of):
+        if spans and spans[-1][0] == p:
+            spans[-1] = (p, spans[-1][1], i + 1)
+        else:
+            spans.append((p, i, i + 1))
+    assert len({p for p, _, _ in spans}) == len(spans), "a prompt's rows must be consecutive"
+    return spans
 
 
 def keep_top(kept, children, scores, W, finished: str = "keep_once", K: int = 1) -> list[list[Beam]]:

@@ -17,6 +17,7 @@ including truncated or corrupt files (moved to DIR/corrupt/ for a look).
 """
 
 import json
+import math
 import logging
 import os
 import shutil
@@ -71,14 +72,19 @@ class RunSummary:
 @dataclass(frozen=True)
 class Cluster:
     servers: dict[str, list]  # server name ("base", "colocated", ...) -> replica handles
-    searchers: list  # SearchActor handles
+    searchers: list  # what runs a shard: SearchActor handles (separate), model servers (colocated)
     placement: str
 
 
 def start_cluster(config: Config) -> Cluster:
     """Model servers and search actors, all starting at once (each imports torch: seconds). Actors are
     named (`ivg-base-0`, `ivg-search-1`: the dashboard shows them so), and a search actor finds its
-    servers by name, so no actor handle travels in a constructor's arguments."""
+    servers by name, so no actor handle travels in a constructor's arguments.
+
+    colocated: one server holds every role and runs the searches itself (no Ray call per token);
+    `search_actors` is how many shards it takes at once (searcher k is replica k % replicas), and the
+    shards it holds run as one batch. separate: a server per role, and `search_actors` SearchActors,
+    searcher k using replica k % replicas of every server, so its sessions stay on one replica."""
     p, gen = config.pipeline, config.generation
     roles = needed_roles(gen)
     placement, specs = plan_servers(p, roles, ray.cluster_resources().get("GPU", 0))
@@ -88,20 +94,27 @@ def start_cluster(config: Config) -> Cluster:
         spec = specs[name]
         options = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=spec.resources or None,
                        max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
+        slots = math.ceil(p.search_actors / spec.replicas)  # shards a colocated server takes at once
         servers[name] = {f"ivg-{name}-{i}": ray.remote(ModelServer).options(name=f"ivg-{name}-{i}", **options).remote(
-            gen, served, p.batch_window_ms, spec.torch_threads) for i in range(spec.replicas)}
-    # search actor k uses replica k % replicas of every server: its sessions stay on one replica
-    refs_for = [[ServerRef(list(named)[k % len(named)], tuple(groups[name])) for name, named in servers.items()]
-                for k in range(p.search_actors)]
-    options = dict(num_cpus=p.search_cpus, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
-    searchers = [ray.remote(SearchActor).options(name=f"ivg-search-{k}", **options).remote(
-        gen, refs, f"search-{k}", config.data.columns, config.data.truncate, p.call_timeout_s)
-        for k, refs in enumerate(refs_for)]
+            gen, served, p.batch_window_ms, spec.torch_threads, slots, config.data.columns, config.data.truncate)
+            for i in range(spec.replicas)}
+    if placement == "colocated":
+        replicas = list(servers["colocated"].values())
+        searchers = [replicas[k % len(replicas)] for k in range(p.search_actors)]
+    else:
+        refs_for = [[ServerRef(list(named)[k % len(named)], tuple(groups[name])) for name, named in servers.items()]
+                    for k in range(p.search_actors)]
+        options = dict(num_cpus=p.search_cpus, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
+        searchers = [ray.remote(SearchActor).options(name=f"ivg-search-{k}", **options).remote(
+            gen, refs, f"search-{k}", config.data.columns, config.data.truncate, p.call_timeout_s)
+            for k, refs in enumerate(refs_for)]
     cluster = Cluster({name: list(named.values()) for name, named in servers.items()}, searchers, placement)
     try:
         wait_started({f"model server {name}": h.info.remote() for named in servers.values() for name, h in named.items()},
                      p.start_timeout_s)
-        wait_started({f"search actor ivg-search-{k}": s.ready.remote() for k, s in enumerate(searchers)}, p.start_timeout_s)
+        if placement == "separate":
+            wait_started({f"search actor ivg-search-{k}": s.ready.remote() for k, s in enumerate(searchers)},
+                         p.start_timeout_s)
     except BaseException:  # the others may be up: stop them, and free their names for the next run
         stop_cluster(cluster)
         raise
@@ -148,7 +161,7 @@ def wait_started(refs: dict, timeout_s: float) -> None:
 
 
 def stop_cluster(cluster: Cluster) -> None:
-    for handle in cluster.searchers + [h for hs in cluster.servers.values() for h in hs]:
+    for handle in {id(h): h for h in cluster.searchers + [h for hs in cluster.servers.values() for h in hs]}.values():
         ray.kill(handle)
 
 

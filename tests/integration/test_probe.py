@@ -6,6 +6,7 @@ import pytest
 
 from ivg.config import ConfigError, DecodeConfig, GenerationConfig, MethodConfig, Models, ModelSpec
 from ivg.engine import Engine
+from ivg.protocol import Chunk, Open
 from ivg.offline.store import MARKER
 from ivg.train.config import ProbeSettings
 from ivg.train.probe import train_probe
@@ -41,9 +42,9 @@ def test_probe_learns_cached_and_scores_in_the_engine(body, tmp_path, capsys):
     engine = Engine.local(GenerationConfig(models=Models(base=body, explicit=spec), methods=(method,),
                                            decode=DecodeConfig(max_new_tokens=3)))
     values = engine.roles.roles["explicit"]
-    values.open("s", ["the film was"] * 2, [0, 1])
+    values.handle(Open("s", ("the film was",) * 2, (0, 1)))
     ids = engine.tokenizer([" good", " bad"], add_special_tokens=False).input_ids
-    good, bad = values.chunk("s", ids, [" good", " bad"])
+    good, bad = values.handle(Chunk("s", tuple(map(tuple, ids)), (" good", " bad"))).values
     assert good > bad
 
 

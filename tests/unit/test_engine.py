@@ -8,6 +8,7 @@ import pytest
 from helpers.models import PROMPTS, cell, config, rows
 from ivg.config import GUIDANCE, MethodConfig
 from ivg.engine import Engine
+from ivg.protocol import Chunk
 from ivg.reference import naive_search
 from ivg.search import Beam, Child, keep_top
 
@@ -202,11 +203,11 @@ class SpyRoles:
     def __init__(self, inner):
         self.inner, self.chunk_values = inner, []
 
-    def call(self, calls):
-        out = self.inner.call(calls)
-        for role, (name, _) in calls.items():
-            if name == "chunk":
-                self.chunk_values.append(out[role])
+    def call(self, messages):
+        out = self.inner.call(messages)
+        for role, message in messages.items():
+            if isinstance(message, Chunk):
+                self.chunk_values.append(out[role].values.tolist())
         return out
 
 

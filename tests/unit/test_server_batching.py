@@ -3,10 +3,12 @@ with exactly the outputs (and caches) each session would have had alone."""
 
 import asyncio
 
+import numpy as np
 import torch
 
 from helpers.models import cell, config
 from ivg.models import load
+from ivg.protocol import Open, Sample, Sampling, Step
 from ivg.stream import Stream
 from ivg.values import lm_forward
 from ivg.stream import extend_together
@@ -54,6 +56,13 @@ def test_merged_forward_equals_separate_forwards_and_keeps_each_sessions_cache()
                 assert torch.allclose(va[row][:, a.cols[row]], vm[row][:, m.cols[row]], atol=1e-12, rtol=0)
 
 
+def step_messages(sid: str, tokens: list[int], step: int) -> dict:
+    """One token step of a search: a Step to the implicit role, a Sample (guided by it) to the base."""
+    tokens = np.array(tokens, dtype=np.int64)
+    uniforms = np.random.default_rng(step).random(len(tokens))
+    return {"base": Sample(sid, tokens, uniforms, value_from="implicit"), "implicit": Step(sid, tokens)}
+
+
 def test_server_merges_concurrent_next_calls_of_two_searches():
     cfg = config([cell("implicit", "none")])
 
@@ -61,11 +70,11 @@ def test_server_merges_concurrent_next_calls_of_two_searches():
         server = ModelServer(cfg, ["base", "implicit"], batch_window_ms=window_ms)
         sessions = {"A": PROMPTS_A, "B": PROMPTS_B} | ({"C": ["idle"]} if idle_third else {})
         for sid, prompts in sessions.items():
-            await server.call({r: ("open", (sid, prompts, list(range(len(prompts))))) for r in ("base", "implicit")})
+            sampling = Sampling(1.0, cfg.decode)
+            await server.call({r: Open(sid, tuple(prompts), tuple(range(len(prompts))), sampling) for r in ("base", "implicit")})
         outs = []
         for step in range(3):
-            calls = [server.call({r: ("next", (sid, [[20 + step]] * len(sessions[sid]))) for r in ("base", "implicit")})
-                     for sid in ("A", "B")]
+            calls = [server.call(step_messages(sid, [20 + step] * len(sessions[sid]), step)) for sid in ("A", "B")]
             outs.append(await asyncio.gather(*calls))
         return server.stats(), outs
 
@@ -76,8 +85,9 @@ def test_server_merges_concurrent_next_calls_of_two_searches():
     assert alone_stats["sessions_per_forward"] == {1: 12}
     for step_b, step_a in zip(batched, alone):
         for out_b, out_a in zip(step_b, step_a):
-            for role in ("base", "implicit"):
-                assert torch.allclose(out_b[role], out_a[role], atol=1e-12, rtol=0)
+            assert (out_b["base"].tokens == out_a["base"].tokens).all()
+            assert torch.allclose(torch.from_numpy(out_b["base"].value), torch.from_numpy(out_a["base"].value),
+                                  atol=1e-12, rtol=0)
 
     # a session that sends nothing does not block the others: the window times out and they run
     idle_stats, _ = asyncio.run(two_searches(window_ms=5, idle_third=True))
