@@ -8,12 +8,10 @@ not trained by gradient steps through the body (which did not learn on a few hun
    ties left out), and a logistic regression of that label on the hidden state at *every* position of
    the response (each sequence weighted equally, the features standardised, L2 strength 1/C) gives
    V(s) = h . w, the log-odds that the response under way is the better one.
-2. Centring: SmolLM2's normed states have a near-constant projection on some direction c (h . c ~ 1,
-   c by least squares), so w - (mean_h . w) c removes V's constant offset. Q then stays a small number,
-   which bfloat16 keeps precise, and no ranking changes.
-3. The token-wise part: b_a = the mean value increment V(s_<t+1) - V(s_<t) after token a, shrunk
-   towards 0 by lam pseudo-counts, added along c: W[a] = w + b_a c, so Q(s, a) ~ V(s) + b_a, the value
-   after a. Under token-wise guidance z = logits + beta Q(s, .), V(s) shifts every token alike (no
+2. The token-wise part: b_a = the mean value increment V(s_<t+1) - V(s_<t) after token a, shrunk
+   towards 0 by `shrink` pseudo-counts, added along a direction c on which every state projects to
+   about 1 (h . c ~ 1, c by least squares: SmolLM2's normed states have one): W[a] = w + b_a c, so
+   Q(s, a) = V(s) + b_a (h . c) ~ V(s) + b_a, the value after a. Under token-wise guidance z = logits + beta Q(s, .), V(s) shifts every token alike (no
    effect after the softmax) and b_a favours tokens that raised the value in the data; a token never
    seen has b_a = 0: neutral. Chunk-level, Q of the last token orders responses like V.
 """
@@ -61,20 +59,18 @@ def fit_head(groups: list[list[Scored]], vocab_size: int, settings: TokenRMSetti
     weight = np.repeat(1.0 / lengths, lengths)  # each sequence counts once, whatever its length
 
     # 1. A soft label y is BCE(y) = y * BCE(1) + (1 - y) * BCE(0): every row twice, weighted.
-    mean, std = X.mean(0), X.std(0) + 1e-6
-    Z = (X - mean) / std
+    std = X.std(0) + 1e-6
+    Z = (X - X.mean(0)) / std
     w2 = np.r_[weight * y, weight * (1 - y)]
     fit = LogisticRegression(C=settings.C, max_iter=settings.max_iter).fit(
         np.concatenate([Z, Z]), np.r_[np.ones(len(y)), np.zeros(len(y))], sample_weight=w2 * len(w2) / w2.sum())
     w = fit.coef_[0] / std  # on raw states; the intercept is a constant, invisible to any ranking
 
-    # 2. c with h . c ~ 1 (ridge least squares), and the offset mean . w taken off along it.
+    # 2. c with h . c ~ 1 (ridge least squares), and b_a: the shrunk mean increment of V = h . w
+    # after token a (the last token's is never observed).
     H = X.shape[1]
     c = np.linalg.solve(X.T @ X + 1e-3 * np.eye(H), X.T @ np.ones(len(X)))
     hc = X @ c
-    w = w - (mean @ w) * c
-
-    # 3. b_a: shrunk mean increment of V = h . w after token a (the last token's is never observed).
     sums, counts = np.zeros(vocab_size), np.zeros(vocab_size)
     for f in seqs:
         v = f.final.double().numpy() @ w  # (R,) V before each response token
