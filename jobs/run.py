@@ -10,8 +10,9 @@
 
 The config is a generate config (pipeline/config.py) whose `experiment:` section says which assets to
 fetch, where prompts come from and (optionally) which reward probe becomes models.explicit, and whose
-`train:` section trains the guides (ivg/train/): the trained folders become models.tuned/untuned (and
-models.explicit, a token reward model, unless the settings turn it off). The resolved config written
+`train:` section trains the guides (ivg/train/) on the prompts after the evaluated ones: the trained
+folders become models.tuned/untuned (and models.explicit, the token reward model, unless
+`train.token_rm: null`). The resolved config written
 with the run records every section, so a run says how its guides and probe were made.
 """
 
@@ -92,10 +93,10 @@ def check(planned, out: Path) -> None:
     if missing:
         print(f"[check] assets to fetch first: {', '.join(missing)}", file=sys.stderr)
     else:
-        rows = read_prompt_table(experiment.prompts, "experiment.prompts")
-        n = evaluated(experiment.prompts, rows)
-        print(f"[check] {experiment.prompts.path}: {len(rows)} usable rows: {experiment.prompts.train_n} for "
-              f"training, {n} evaluated", file=sys.stderr)
+        spec = experiment.prompts
+        evaluated, guide_prompts = split_prompts(spec)
+        print(f"[check] {spec.path}: {spec.skip + len(evaluated) + len(guide_prompts)} usable rows: {spec.skip} "
+              f"skipped, {len(evaluated)} evaluated, {len(guide_prompts)} after them for the guides", file=sys.stderr)
     print(f"[check] {len(planned.methods)} methods -> {out}", file=sys.stderr, flush=True)
 
 
@@ -120,25 +121,26 @@ def read_prompt_table(spec, where: str) -> list[tuple[str, str]]:
     return rows
 
 
-def evaluated(spec, rows: list) -> int:
-    """How many prompts are evaluated: spec.n, or all the training ones leave."""
+def split_prompts(spec) -> tuple[list[tuple[str, str]], list[str]]:
+    """The shuffled table cut into consecutive blocks: `skip` rows left out, the `n` evaluated (id, text)
+    rows, then the guide prompts (the rest, in order: held-out first, then training; ivg/train/layout.py)."""
     from ivg.config import check as require
 
-    n = spec.n if spec.n is not None else len(rows) - spec.train_n
-    require(spec.train_n + n <= len(rows), "experiment.prompts.n", f"train_n + n = {spec.train_n + n} > {len(rows)} prompts")
-    return n
-
-
-def make_prompts(spec, out: Path) -> tuple[Path, list[str]]:
-    """Evaluation prompts (a JSONL with id, prompt) and a disjoint list of training prompts."""
     rows = read_prompt_table(spec, "experiment.prompts")
-    n = evaluated(spec, rows)
+    n = spec.n if spec.n is not None else len(rows) - spec.skip
+    require(spec.skip + n <= len(rows), "experiment.prompts.n", f"skip + n = {spec.skip + n} > {len(rows)} prompts")
+    return rows[spec.skip:spec.skip + n], [t for _, t in rows[spec.skip + n:]]
+
+
+def make_prompts(spec, out: Path) -> tuple[Path, list[str], list[str]]:
+    """Evaluation prompts (a JSONL with id, prompt), their texts, and the guide prompts after them."""
+    evaluated, guide_prompts = split_prompts(spec)
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.jsonl"
     with open(prompts, "w") as f:
-        for i, text in rows[spec.train_n:spec.train_n + n]:
+        for i, text in evaluated:
             f.write(json.dumps({"id": i, "prompt": text}) + "\n")
-    return prompts, [t for _, t in rows[:spec.train_n]]
+    return prompts, [t for _, t in evaluated], guide_prompts
 
 
 def ensure_gold(spec, log):
@@ -171,16 +173,16 @@ def prepare(data: dict, out: Path, log):
     fetch(list(experiment.assets), progress=lambda m: log(f"[assets] {m}", flush=True))
     if gold is not None:
         ensure_gold(gold, log)
-    prompts, train_prompts = make_prompts(experiment.prompts, out)
-    log(f"[prompts] {prompts} ({sum(1 for _ in open(prompts))} evaluation, {len(train_prompts)} training)", flush=True)
+    prompts, evaluated, guide_prompts = make_prompts(experiment.prompts, out)
+    log(f"[prompts] {prompts} ({len(evaluated)} evaluation, {len(guide_prompts)} after them for the guides)", flush=True)
     models = dict(data["models"])
     if train is not None:
-        from ivg.train.guides import train_guides  # lazy: trl and peft load only when training
+        from ivg.train.guides import train_guides  # lazy: scikit-learn loads only when training
 
         start = time.perf_counter()
         log("[guides] training unless cached", flush=True)
         label_with = train.gold or gold
-        paths = train_guides(train, train_prompts, GoldScorer(label_with).score, label_with,
+        paths = train_guides(train, guide_prompts, GoldScorer(label_with).score, label_with, evaluated,
                              log=lambda m: log(f"[guides] {m}", flush=True))
         log(f"[guides] ready in {time.perf_counter() - start:.0f}s", flush=True)
         models.update({role: dataclasses.asdict(spec) for role, spec in paths.models().items()})

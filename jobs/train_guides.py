@@ -7,14 +7,17 @@ under `models:` of a generation config. A second run with the same settings reus
 folders; --force retrains. It reads two sections of the config:
 
     experiment:
-      prompts: {path: asset:movie-snippets, column: text, prefix_words: 5, train_n: 96}   # training prompts
+      prompts: {path: asset:movie-snippets, column: text, prefix_words: 5, skip: 96, n: 64}
     train:
       untuned: {name: asset:smollm2-135m-instruct}     # a ModelSpec (ivg/config.py)
       gold: {kind: vader, name: vader}                 # labels the pairs; default: eval.gold
-      settings: {n_prompts: 96, max_new_tokens: 24}    # ivg.train.config.TrainSettings
+      settings: {n_prompts: 1024, heldout_prompts: 250, max_new_tokens: 24}   # ivg.train.config.TrainSettings
+      dpo: {layers: 8, epochs: 2}                      # ivg.train.config.DPOSettings
+      token_rm: {C: 0.01}                              # ivg.train.config.TokenRMSettings; null: none
       out: null                                        # null: <ivg cache>/guides
 
-The training prompts are the first `train_n` rows of the shuffled table (all rows when train_n is 0).
+The guide prompts are the rows after the evaluated ones (jobs.run's split_prompts): the held-out
+prompts first, then the training prompts (ivg/train/layout.py).
 """
 
 import dataclasses
@@ -41,7 +44,7 @@ def run(args) -> int:
     from ivg.config import ModelSpec, check, from_dict
     from ivg.eval.config import EvalConfig
     from ivg.train.config import TrainConfig
-    from jobs.run import read_prompt_table
+    from jobs.run import split_prompts
     from pipeline.config import PromptsConfig
 
     data = cli.config_data(args)
@@ -56,16 +59,16 @@ def run(args) -> int:
     if args.print_config:
         cli.print_config({"train": dataclasses.asdict(config), "experiment": {"prompts": dataclasses.asdict(spec)}})
         return 0
-    rows = read_prompt_table(spec, "experiment.prompts")
-    prompts = [t for _, t in (rows[:spec.train_n] if spec.train_n else rows)]
-    print(f"gold: {gold.name} ({gold.kind}); {len(prompts)} training prompts")
+    evaluated, guide_prompts = split_prompts(spec)
+    print(f"gold: {gold.name} ({gold.kind}); {len(guide_prompts)} guide prompts after {len(evaluated)} evaluated")
     if args.dry_run:
         return 0
 
     from ivg.eval.gold import GoldScorer
     from ivg.train.guides import train_guides
 
-    paths = train_guides(config, prompts, GoldScorer(gold).score, gold, force=args.force)
+    paths = train_guides(config, guide_prompts, GoldScorer(gold).score, gold, [t for _, t in evaluated],
+                         force=args.force)
     print(f"\nguides in {paths.dir}:")
     defaults = ModelSpec(name="")
     print(yaml.safe_dump({role: {k: v for k, v in dataclasses.asdict(spec).items()

@@ -179,23 +179,24 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class PromptsConfig:
-    """`experiment.prompts`: evaluation prompts (and disjoint guide-training prompts) cut from a table.
+    """`experiment.prompts`: evaluation prompts (and the guides' prompts) cut from a table.
 
-    The table is shuffled with `seed`; its first `train_n` rows train the guides, the next `n` are
-    evaluated, so no guide has seen an evaluation prompt."""
+    The table is shuffled with `seed`; its first `skip` rows are left out, the next `n` are evaluated,
+    and the rest are the guides' (held-out, then training: ivg/train/layout.py), so no guide has
+    trained on an evaluation prompt."""
 
     path: str  # Parquet / JSONL, or asset:<name>
     column: str = "prompt"
     id_column: str = "id"
-    n: int | None = None  # evaluated prompts; None = all that are left
-    train_n: int = 0
+    n: int | None = None  # evaluated prompts; None = all after `skip` (none left for guides)
+    skip: int = 0  # rows left out before the evaluated ones
     prefix_words: int | None = None  # keep each text's opening words, for the model to continue
     min_words: int = 0  # skip shorter texts
     seed: int = 0
 
     def validate(self, where: str = "experiment.prompts") -> None:
         check(self.n is None or self.n >= 1, f"{where}.n", "must be >= 1 (or null for all)")
-        check(self.train_n >= 0, f"{where}.train_n", "must be >= 0")
+        check(self.skip >= 0, f"{where}.skip", "must be >= 0")
         check(self.prefix_words is None or self.prefix_words >= 1, f"{where}.prefix_words", "must be >= 1")
 
 
@@ -245,7 +246,7 @@ class Config:
         if self.train is not None and m.tuned is None:
             m = dataclasses.replace(m, tuned=dataclasses.replace(self.train.untuned, name="<trained by train:>"),
                                     untuned=self.train.untuned)
-            if self.train.settings.token_rm and m.explicit is None:
+            if self.train.token_rm is not None and m.explicit is None:
                 m = dataclasses.replace(m, explicit=ModelSpec("<trained by train:>", kind="token_reward"))
         if self.experiment is not None and self.experiment.explicit_probe is not None and m.explicit is None:
             m = dataclasses.replace(m, explicit=ModelSpec("<fitted by experiment.explicit_probe>", kind="classifier"))

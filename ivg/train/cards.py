@@ -1,56 +1,90 @@
-"""Model cards: a README.md per trained guide saying what it is, how to load it, its data, training and accuracy."""
+"""Model cards: a README.md and a card.json per trained guide: what it is, how to load it, its data,
+its training, and the held-out accuracy of both values (each card carries both: they were made from the
+same samples and are used together)."""
 
+import json
 from pathlib import Path
+
+ACCURACY_NOTE = ("Gold accuracy: how often a value orders a pair (chosen, rejected) as the gold reward does; "
+                 "a tie counts as wrong, chance is 50%. Held-out pairs: one per held-out prompt, never trained "
+                 "on (nor any prompt repeating one).")
 
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def card_data(record: dict, role: str) -> dict:
+    """The machine-readable card of `role` (tuned | explicit)."""
+    c, m = record["config"], record["metrics"]
+    heldout = {"pairs": m["heldout_pairs"], "prompts": record["prompts"]["heldout"],
+               "implicit_accuracy": m["implicit"]["heldout"],
+               "token_rm_accuracy": (m.get("token_rm") or {}).get("heldout")}
+    common = {"gold": {k: record["gold"][k] for k in ("name", "kind")}, "heldout": heldout,
+              "data": {"untuned": c["untuned"]["name"], "settings": c["settings"], "prompts": record["prompts"],
+                       "responses": record["responses"], "usable_responses": record["usable_responses"],
+                       "samples": "../samples.jsonl"},
+              "checked_against_saved_folder": m["checked"]}
+    if role == "tuned":
+        return {"guide": "tuned", "value": "implicit: sum_t log pi_tuned - log pi_untuned",
+                "load": {"name": "<this folder>", "kind": "causal_lm", "template": c["untuned"]["template"]},
+                "untuned": c["untuned"]["name"], "training": {"method": "DPO (sigmoid loss)", **c["dpo"],
+                "pairs": m["dpo_pairs"], "validation_pairs": m["val_pairs"], **record["dpo"]},
+                "train_accuracy": m["implicit"]["train"], **common}
+    return {"guide": "explicit", "value": "token reward model Q(s, a); chunk-level: Q at the last token",
+            "load": {"name": "<this folder>", "kind": "token_reward", "template": c["untuned"]["template"]},
+            "body": c["untuned"]["name"], "training": {"method": "fitted head W[a] = w + b_a c on the frozen body",
+            **c["token_rm"], **record["token_rm"]}, "train_accuracy": m["token_rm"]["train"], **common}
+
+
 def write_cards(folder: Path, record: dict) -> None:
-    """A README.md per model: what it is, how to load it, the data, the training, its gold accuracy."""
     c, s, m = record["config"], record["config"]["settings"], record["metrics"]
-    data = (f"- pairs: {record['pairs_sampled']} sampled from `{c['untuned']['name']}` ({s['pairs_per_prompt']} per "
-            f"prompt, {record['n_prompts']} prompts, max_new_tokens={s['max_new_tokens']}, temperature={s['temperature']}, "
-            f"stop={s['stop']}, seed={s['seed']}), labelled by the gold `{record['gold']['name']}` ({record['gold']['kind']}); "
-            f"{record['pairs_labelled']} kept (ties and empty responses dropped): "
-            f"{m['train']['pairs']} train, {m['heldout']['pairs']} held out (by prompt, {s['heldout']:.0%}).\n"
-            "- exact pairs: `../pairs.jsonl`; every setting: `../ivg-build.json`.\n")
-    lora = f"LoRA r={s['lora_r']} alpha={s['lora_alpha']} on all linear layers, merged into the weights" \
-        if s["lora_r"] else "full fine-tuning"
-    accuracy_note = ("Gold accuracy: how often the value orders a pair (chosen, rejected) as the gold reward "
-                     "does; a tie counts as wrong, chance is 50%.\n")
-    cards = {
-        "tuned": (
-            "# DPO-tuned guide (implicit value)\n\n"
-            f"`{c['untuned']['name']}` tuned with DPO (TRL) on gold-labelled pairs of its own samples. Used with "
-            "its untuned start as the implicit value log pi_tuned - log pi_untuned.\n"
-            f"Load: `ModelSpec(<this folder>, kind='causal_lm', template={c['untuned']['template']!r})`; "
-            "a plain HF causal LM (safetensors).\n\n"
-            f"## Data\n{data}\n"
-            f"## Training\nDPO sigmoid loss, beta={s['beta']}, lr={s['lr']} (constant), epochs={s['epochs']}, "
-            f"batch={s['batch_size']} pairs, {record['dpo']['steps']} steps, {lora}; loss "
-            f"{record['dpo']['loss_first']} -> {record['dpo']['loss_last']}; {record['timings']['dpo_s']:.0f}s.\n\n"
-            f"## Gold accuracy of the implicit reward sum_t (log pi_tuned - log pi_untuned)\n{accuracy_note}"
-            f"- train: {_pct(m['train']['implicit_accuracy'])}\n"
-            f"- held out: {_pct(m['heldout']['implicit_accuracy'])}\n"
-            "- before training: 0% (tuned = untuned: every pair ties)\n"),
-    }
-    if record["token_rm"]:  # trained only with settings.token_rm
+    d = c["dpo"]
+    data = (f"- samples: {record['responses']} responses of `{c['untuned']['name']}` (max_new_tokens={s['max_new_tokens']}, "
+            f"temperature={s['temperature']}, stop={s['stop']}, seed={s['seed']}), scored by the gold "
+            f"`{record['gold']['name']}` ({record['gold']['kind']}).\n"
+            f"- held out: {record['prompts']['heldout']} prompts, one pair each ({m['heldout_pairs']} usable: ties and "
+            "empty responses dropped), right after the evaluated prompts; never trained on.\n"
+            f"- training: {s['n_prompts']} prompts (openings repeating an evaluated or held-out one dropped), one pair "
+            f"each; the first {s['rm_prompts']} have {s['rm_responses']} responses in all.\n"
+            "- exact samples: `../samples.jsonl`; every setting: `../ivg-build.json`; this card as data: `card.json`.\n")
+    heldout = (f"## Held-out gold accuracy (n = {m['heldout_pairs']} pairs)\n{ACCURACY_NOTE}\n\n"
+               f"- implicit value (this DPO pair): {_pct(m['implicit']['heldout'])}\n"
+               f"- token reward model: {_pct((m.get('token_rm') or {}).get('heldout'))}\n")
+    dpo = record["dpo"]
+    layers = f"the top {d['layers']} decoder layers (fed the cached states below them: exact)" if d["layers"] else "every decoder layer"
+    cards = {"tuned": (
+        "# DPO-tuned guide (implicit value)\n\n"
+        f"`{c['untuned']['name']}` tuned with DPO on gold-labelled pairs of its own samples. Used with its untuned "
+        "start as the implicit value sum_t (log pi_tuned - log pi_untuned).\n"
+        f"Load: `ModelSpec(<this folder>, kind='causal_lm', template={c['untuned']['template']!r})`; a plain HF "
+        "causal LM (safetensors).\n\n"
+        f"{heldout}- implicit value on {min(m['dpo_pairs'], m['heldout_pairs'])} of its training pairs: "
+        f"{_pct(m['implicit']['train'])}\n\n"
+        f"## Data\n{data}\n"
+        f"## Training\nDPO sigmoid loss, beta={d['beta']}, AdamW lr={d['lr']} (constant), batch={d['batch_size']} pairs, "
+        f"{m['dpo_pairs']} pairs (gold margin >= {d['min_margin']}), up to {d['epochs']} epochs, {layers}; "
+        f"validation on {m['val_pairs']} pairs of {d['val_prompts']} held-back training prompts every "
+        f"{d['eval_every'] or 'epoch'} steps, the best kept (step {dpo['kept_step']} of {dpo['steps']}, validation "
+        f"accuracy {_pct(dpo['kept_val_accuracy'])}); loss {dpo['loss_first']:.4f} -> {dpo['loss_last']:.4f}; "
+        f"{record['timings']['dpo_s']:.0f}s.\n")}
+    if record["token_rm"]:
+        r, t = c["token_rm"], record["token_rm"]
         cards["explicit"] = (
             "# Token reward model (explicit value)\n\n"
-            f"Body of `{(c['explicit_init'] or c['untuned'])['name']}` with a fresh head Linear(hidden, vocab), "
-            "stored as an ordinary causal LM whose logits are Q(s, .).\n"
+            f"The frozen body of `{c['untuned']['name']}` with a fitted head Linear(hidden, vocab), stored as an ordinary "
+            "causal LM whose logits are Q(s, .). Chunk-level, the value of a response is Q at its last token.\n"
             "Load: `ModelSpec(<this folder>, kind='token_reward')`.\n\n"
+            f"{heldout}- token RM on the first pairs of its training prompts: {_pct(m['token_rm']['train'])}\n\n"
             f"## Data\n{data}\n"
-            "## Training\nFUDGE-style: for each response prefix, Q(s_<t, a_t) is the logit that the response is "
-            "the gold-chosen one of its pair (BCE, chosen = 1, rejected = 0, each sequence weighted equally). "
-            f"Head initialized at zero (Q = 0 until trained); lr={s['rm_lr']} (AdamW, constant), "
-            f"epochs={s['epochs']}, batch={s['batch_size']} sequences, {record['token_rm']['steps']} steps, "
-            f"{lora.replace(', merged', ' + the head, merged')}; loss {record['token_rm']['loss_first']} -> "
-            f"{record['token_rm']['loss_last']}; {record['timings']['token_rm_s']:.0f}s.\n\n"
-            f"## Gold accuracy of Q at the last response token\n{accuracy_note}"
-            f"- train: {_pct(m['train']['token_rm_accuracy'])}\n"
-            f"- held out: {_pct(m['heldout']['token_rm_accuracy'])}\n")
-    for name, text in cards.items():
-        (folder / name / "README.md").write_text(text)
+            "## Training (ivg/train/token_rm.py)\n"
+            f"1. w: logistic regression (C={r['C']}, standardised states) of every response position's final hidden "
+            f"state on the response's win fraction among the {s['rm_responses']} responses to its prompt, each sequence "
+            f"weighted equally: FUDGE's per-token BCE with one row shared by all tokens ({t['sequences']} responses, "
+            f"{t['positions']} positions).\n"
+            f"2. W[a] = w + b_a c, c a direction with h . c ~ 1 ({t['h_dot_c_mean']:.4f} +- {t['h_dot_c_std']:.4f}), b_a the mean value increment after token a shrunk by {r['shrink']} pseudo-counts "
+            f"({t['tokens_seen']} tokens seen; an unseen token has b_a = 0: neutral token-wise); "
+            f"{record['timings']['token_rm_s']:.0f}s.\n")
+    for role, text in cards.items():
+        (folder / role / "README.md").write_text(text)
+        (folder / role / "card.json").write_text(json.dumps(card_data(record, role), indent=1) + "\n")

@@ -9,50 +9,94 @@ from ivg.eval.config import GoldSpec
 
 @dataclass(frozen=True)
 class TrainSettings:
-    n_prompts: int = 128  # the first n prompts are used
-    pairs_per_prompt: int = 1
-    max_new_tokens: int = 40
-    temperature: float = 1.0  # sampling the pairs: 1.0 = the untuned policy itself
+    """What the guides learn from: responses sampled from the untuned model, scored by the gold.
+
+    The prompts come in the held-out layout (ivg/train/layout.py): the first `heldout_prompts` guide
+    prompts give one pair each to measure both values on and are never trained on; the next
+    `n_prompts` (openings repeating an evaluated or held-out one dropped) are the training prompts."""
+
+    n_prompts: int = 512  # training prompts, one sampled pair each: DPO's pairs
+    rm_prompts: int = 512  # the first rm_prompts of them get rm_responses in all: the token RM's groups
+    rm_responses: int = 4  # responses per token-RM prompt (even; the first two are the DPO pair)
+    heldout_prompts: int = 250  # one pair each, never trained on: the held-out accuracy of both values
+    max_new_tokens: int = 24
+    temperature: float = 1.0  # sampling: 1.0 = the untuned policy itself
     stop: tuple[str, ...] = ()  # stop strings for the sampled responses, e.g. ("\n",) as at decode time
-    heldout: float = 0.2  # fraction of prompts held out to measure gold accuracy
-    beta: float = 0.1  # DPO beta
-    lr: float = 5e-4  # DPO learning rate (LoRA; use ~5e-6 for full fine-tuning)
-    rm_lr: float = 1e-4  # token RM learning rate (AdamW; 1e-3 made the SmolLM2 loss climb)
-    epochs: int = 1
-    batch_size: int = 8  # pairs per step (DPO) / sequences per step (token RM)
-    lora_r: int | None = 16  # None = full fine-tuning
-    lora_alpha: int = 32
     seed: int = 0
-    token_rm: bool = True  # False: train only the DPO guide (the explicit value comes from elsewhere)
+    batch: int = 128  # rows per sampling batch, and sequences per feature batch / 4
 
     def __post_init__(self):
         w = "train.settings"
-        for name in ("n_prompts", "pairs_per_prompt", "max_new_tokens", "epochs", "batch_size", "lora_alpha"):
+        for name in ("n_prompts", "rm_responses", "max_new_tokens", "batch"):
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{w}.{name}", "must be an integer >= 1")
-        check(self.lora_r is None or self.lora_r >= 1, f"{w}.lora_r", "must be >= 1, or null for full fine-tuning")
+        for name in ("rm_prompts", "heldout_prompts"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"{w}.{name}", "must be an integer >= 0")
+        check(self.rm_prompts <= self.n_prompts, f"{w}.rm_prompts", f"must be <= n_prompts ({self.n_prompts}): they are the first of them")
+        check(self.rm_responses % 2 == 0, f"{w}.rm_responses", "must be even (responses are sampled in pairs)")
         check(self.temperature > 0, f"{w}.temperature", "must be > 0: a pair of greedy samples is one response twice")
-        check(0 <= self.heldout < 1, f"{w}.heldout", "must be in [0, 1)")
-        for name in ("beta", "lr", "rm_lr"):
-            value = getattr(self, name)
-            check(math.isfinite(value) and value > 0, f"{w}.{name}", "must be a positive number")
         check(all(isinstance(s, str) and s for s in self.stop), f"{w}.stop", "must be a list of non-empty strings")
 
 
 @dataclass(frozen=True)
+class DPOSettings:
+    """The implicit value: DPO on the sampled pairs (ivg/train/dpo.py)."""
+
+    layers: int | None = 8  # train the top k decoder layers, fed cached states (exact); null: every layer
+    beta: float = 0.1
+    lr: float = 1e-5  # AdamW, constant
+    epochs: int = 2
+    batch_size: int = 8  # pairs per step
+    min_margin: float = 0.0  # drop pairs whose gold scores differ by less (near-ties are label noise)
+    val_prompts: int = 0  # of the training prompts, the last val_prompts validate instead (early stopping)
+    eval_every: int = 0  # steps between validations (0: once per epoch)
+    patience: int = 0  # stop after this many validations without a better accuracy (0: never stop early)
+    seed: int = 0
+
+    def __post_init__(self):
+        w = "train.dpo"
+        check(self.layers is None or (isinstance(self.layers, int) and self.layers >= 1), f"{w}.layers",
+              "must be >= 1, or null to train every layer")
+        for name in ("epochs", "batch_size"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{w}.{name}", "must be an integer >= 1")
+        for name in ("val_prompts", "eval_every", "patience"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"{w}.{name}", "must be an integer >= 0")
+        for name in ("beta", "lr"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value > 0, f"{w}.{name}", "must be a positive number")
+        check(math.isfinite(self.min_margin) and self.min_margin >= 0, f"{w}.min_margin", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TokenRMSettings:
+    """The explicit value: a token reward model, the frozen untuned body + a fitted head (ivg/train/token_rm.py)."""
+
+    C: float = 0.01  # inverse L2 strength of the logistic regression (on standardised states)
+    shrink: float = 20.0  # pseudo-counts pulling each token's bias b_a towards 0
+    max_iter: int = 1000
+
+    def __post_init__(self):
+        check(math.isfinite(self.C) and self.C > 0, "train.token_rm.C", "must be > 0")
+        check(math.isfinite(self.shrink) and self.shrink >= 0, "train.token_rm.shrink", "must be >= 0")
+        check(self.max_iter >= 1, "train.token_rm.max_iter", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    untuned: ModelSpec  # the policy the pairs are sampled from, DPO's start and reference
+    untuned: ModelSpec  # the policy the pairs are sampled from, DPO's start and reference, the token RM's body
     gold: GoldSpec | None = None  # labels the pairs; None: the run's eval.gold
     out: str | None = None  # None: <ivg cache>/guides ($IVG_CACHE, else ~/.cache/ivg)
-    explicit_init: ModelSpec | None = None  # the token RM's body; None = the untuned model
     settings: TrainSettings = field(default_factory=TrainSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    token_rm: TokenRMSettings | None = field(default_factory=TokenRMSettings)  # null: no token RM
 
     def __post_init__(self):
         self.untuned.validate("train.untuned")
         check(self.untuned.kind == "causal_lm", "train.untuned.kind", "must be causal_lm")
-        if self.explicit_init is not None:
-            self.explicit_init.validate("train.explicit_init")
         if self.gold is not None:
             self.gold.validate("train.gold")
+        if self.token_rm is not None:
+            check(self.settings.rm_prompts >= 1, "train.settings.rm_prompts",
+                  "must be >= 1 for the token RM (or set train.token_rm: null)")
 
 
 @dataclass(frozen=True)
@@ -69,9 +113,6 @@ class ProbeSettings:
         check(0 < self.heldout < 1, "experiment.explicit_probe.settings.heldout", "must be in (0, 1)")
         check(self.C > 0, "experiment.explicit_probe.settings.C", "must be > 0")
         check(self.batch_size >= 1 and self.max_tokens >= 2, "experiment.explicit_probe.settings.batch_size", "batch_size >= 1, max_tokens >= 2")
-
-
-
 
 @dataclass(frozen=True)
 class ProbeConfig:

@@ -1,58 +1,111 @@
-"""DPO from the untuned model on pre-tokenized pairs (TRL); the tuned model is the implicit value's numerator."""
+"""DPO on cached features: the tuned model, numerator of the implicit value log pi_tuned - log pi_untuned.
 
-import dataclasses
-import tempfile
-from pathlib import Path
+The loss is DPO's sigmoid loss (Rafailov et al. 2023) on (chosen, rejected) pairs of one prompt:
+
+    r(y)  = log pi(y | x) - log pi_untuned(y | x)            summed over the response's tokens
+    loss  = -log sigmoid(beta * (r(chosen) - r(rejected)))
+
+pi_untuned's log-probs are the features' `ref` (computed once); pi is the untuned model with its top
+layers trainable (ivg/train/top_layers.py). AdamW at a constant learning rate. Every `eval_every`
+steps the implicit reward's accuracy on the validation pairs (prompts never trained on) is measured,
+and the best state is kept: early stopping, since DPO on a few thousand pairs memorises within an
+epoch or two (training accuracy near 100% while held-out accuracy falls).
+"""
+
+import random
+import time
+from dataclasses import dataclass
 from typing import Callable
 
-from ivg.config import ModelSpec
-from ivg.models import load
-from ivg.train.config import TrainSettings
-from ivg.train.heads import lora_config, save_model
+import torch
+
+from ivg.train.config import DPOSettings
+from ivg.train.features import Features
+from ivg.train.top_layers import TopLayers
 
 
-def train_dpo(untuned: ModelSpec, encoded: list[dict], out_dir, settings: TrainSettings,
-              log: Callable[[str], None] = print) -> tuple[Path, dict]:
-    """DPO from the untuned model on pre-tokenized pairs; saves a full HF folder (LoRA merged in)."""
-    from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    class PreTokenized(DPOTrainer):
-        # Our rows already hold prompt_ids/chosen_ids/rejected_ids in the engine's tokenization; TRL's
-        # own preparation would re-tokenize text and append EOS to every response.
-        def _prepare_dataset(self, dataset, *args, **kwargs):
-            return dataset
-
-    class Progress(TrainerCallback):  # one short line per step instead of the Trainer's metric dicts
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                log(f"  dpo step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                    f"reward accuracy {logs.get('rewards/accuracies', float('nan')):.2f}")
-
-    spec = dataclasses.replace(untuned, dtype="float32")  # train in float32 whatever it decodes in
-    loaded = load(spec)
-    # With LoRA the reference is the model with its adapter off; full fine-tuning needs a frozen copy.
-    reference = None if settings.lora_r else load(spec).model
-    with tempfile.TemporaryDirectory() as scratch:
-        args = DPOConfig(
-            output_dir=scratch, beta=settings.beta, learning_rate=settings.lr,
-            num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
-            seed=settings.seed, data_seed=settings.seed, max_length=None,
-            bf16=False, gradient_checkpointing=False,  # TRL's defaults are for big models on GPUs
-            use_cpu=loaded.device.type == "cpu", save_strategy="no", report_to="none",
-            logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant",
-        )
-        trainer = PreTokenized(loaded.model, ref_model=reference, args=args, train_dataset=Dataset.from_list(encoded),
-                               processing_class=loaded.tokenizer,
-                               peft_config=lora_config(settings) if settings.lora_r else None,
-                               callbacks=[Progress()])
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-    model = trainer.model.merge_and_unload() if settings.lora_r else trainer.model
-    logs = [r for r in trainer.state.log_history if "loss" in r]
-    stats = {"steps": trainer.state.global_step, "loss_first": logs[0]["loss"] if logs else None,
-             "loss_last": logs[-1]["loss"] if logs else None}
-    return save_model(model, loaded.tokenizer, out_dir), stats
+@dataclass
+class Pair:
+    chosen: Features
+    rejected: Features
+    margin: float  # gold(chosen) - gold(rejected) > 0
 
 
+@torch.no_grad()
+def implicit_rewards(policy: TopLayers, pairs: list[Pair], batch: int = 32) -> list[tuple[float, float]]:
+    """(r(chosen), r(rejected)) per pair, r = log pi - log pi_untuned summed over the response."""
+    out = []
+    for start in range(0, len(pairs), batch):
+        rows = pairs[start:start + batch]
+        feats = [p.chosen for p in rows] + [p.rejected for p in rows]
+        r = (policy.response_logps(feats) - torch.stack([f.ref.sum() for f in feats])).tolist()
+        out += list(zip(r[:len(rows)], r[len(rows):]))
+    return out
+
+
+def pair_accuracy(rewards: list[tuple[float, float]]) -> float | None:
+    return sum(c > r for c, r in rewards) / len(rewards) if rewards else None
+
+
+def train_dpo(full, train: list[Pair], val: list[Pair], settings: DPOSettings,
+              log: Callable[[str], None] = print, probe: list[Pair] | None = None):
+    """DPO from the untuned model `full` (float32, left unchanged); returns (the trained TopLayers, stats):
+    `policy.merged_into(copy of full)` is the tuned model.
+    `probe`: pairs whose accuracy is only logged along the way (research; it selects nothing)."""
+    s = settings
+    torch.manual_seed(s.seed)
+    policy = TopLayers(full, s.layers)
+    stats = {"exactness_gap": policy.check_exact([p.chosen for p in train[:8]]), "history": []}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    steps_per_epoch = -(-len(train) // s.batch_size)
+    total = s.epochs * steps_per_epoch
+    eval_every = s.eval_every or steps_per_epoch
+    rng = random.Random(s.seed)
+    trained = lambda: {k: v.detach().clone() for k, v in policy.state_dict().items() if "layers" in k}
+    # Before training the implicit reward is 0 for every response (tuned = untuned): every pair ties,
+    # accuracy 0 by definition (measured, float noise of ~1e-6 would order pairs at random).
+    best = {"step": 0, "val_accuracy": 0.0 if val else None, "state": trained() if val else None}
+    step, losses, start = 0, [], time.perf_counter()
+
+    def evaluate():
+        nonlocal best
+        point = {"step": step, "loss": sum(losses[-eval_every:]) / len(losses[-eval_every:]),
+                 "val_accuracy": pair_accuracy(implicit_rewards(policy, val)) if val else None,
+                 "seconds": round(time.perf_counter() - start, 1)}
+        if probe:
+            point["probe_accuracy"] = pair_accuracy(implicit_rewards(policy, probe))
+        stats["history"].append(point)
+        log(f"  dpo step {step}/{total} " + " ".join(f"{k} {v:.4g}" for k, v in point.items()
+                                                      if isinstance(v, float) and k != "seconds"))
+        if val and point["val_accuracy"] > best["val_accuracy"]:  # strictly better: ties keep the earlier
+            best = {"step": step, "val_accuracy": point["val_accuracy"], "state": trained()}
+        return point
+
+    for epoch in range(s.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for at in range(0, len(order), s.batch_size):
+            rows = [train[i] for i in order[at:at + s.batch_size]]
+            feats = [p.chosen for p in rows] + [p.rejected for p in rows]
+            r = policy.response_logps(feats) - torch.stack([f.ref.sum() for f in feats])  # (2B,)
+            loss = -torch.nn.functional.logsigmoid(s.beta * (r[:len(rows)] - r[len(rows):])).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if step % eval_every == 0 or step == total:
+                point = evaluate()
+                if val and s.patience and point["step"] - best["step"] >= s.patience * eval_every:
+                    log(f"  dpo: no better validation accuracy for {s.patience} evaluations: stop")
+                    break
+        else:
+            continue
+        break
+    if val:  # the best state seen (step 0: training never beat the untuned model on the validation pairs)
+        policy.load_state_dict(best["state"], strict=False)
+    stats.update(steps=step, kept_step=best["step"] if val else step, kept_val_accuracy=best["val_accuracy"],
+                 loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                 seconds=round(time.perf_counter() - start, 1))
+    return policy, stats

@@ -1,12 +1,22 @@
-"""Training the guides, built once per key into the cache: sample, label, DPO, token RM, measure, cards.
+"""Training the guides, built once per key into the cache: sample, label, featurize, DPO, token RM, cards.
 
-There is no tuned/untuned pair offline, so we make one from the untuned model itself (ivg/train/pairs.py):
-two responses per prompt sampled from it, ordered by the gold reward; DPO tunes it on them (the implicit
-value is log pi_tuned - log pi_untuned) and a token reward model learns the same labels. The folder is
-`out/<untuned>-<digest of everything that made it>/`; saved models are plain HF causal-LM folders
-(safetensors), the token RM's "logits" being its Q values.
+There is no tuned/untuned pair offline, so we make one from the untuned model itself:
+
+1. samples   responses sampled from the untuned model to the held-out and training prompts (the
+             held-out layout, ivg/train/layout.py), each scored by the gold (cached on its own: a
+             change of the DPO or token-RM settings does not sample again)
+2. features  one float32 forward of the untuned model over every response (ivg/train/features.py)
+3. tuned     DPO on each training prompt's first pair, the top layers only (ivg/train/dpo.py)
+4. explicit  the token RM: the untuned body + a fitted head (ivg/train/token_rm.py)
+5. measured  both values on the held-out pairs, from the features (exact), and the saved folders
+             checked to give the same values when loaded as the engine loads them
+6. cards     README.md + card.json per guide (ivg/train/cards.py)
+
+The folder is `out/<untuned>-<digest of everything that made it>/`; saved models are plain HF
+causal-LM folders (safetensors), the token RM's "logits" being its Q values.
 """
 
+import copy
 import dataclasses
 import json
 import re
@@ -15,18 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+
 from ivg.config import ModelSpec, check
 from ivg.eval.config import GoldSpec
 from ivg.eval.gold import gold_identity
-from ivg.models import LoadedModel, load, load_tokenizer
+from ivg.models import load, prompt_ids, resolve_device
 from ivg.offline.store import build_once, cache_root, digest, is_built
 from ivg.train.cards import write_cards
 from ivg.train.config import TrainConfig
-from ivg.train.dpo import train_dpo
-from ivg.train.pairs import Gold, accuracy, encode, label_pairs, pair_values, sample_pairs, split_heldout
-from ivg.train.token_rm import train_token_rm
+from ivg.train.dpo import Pair, implicit_rewards, pair_accuracy, train_dpo
+from ivg.train.features import Features, featurize
+from ivg.train.heads import attach_q_head, save_model
+from ivg.train.layout import Layout, guide_layout
+from ivg.train.pairs import Gold, accuracy, pair_values, sample_pairs, score_responses
+from ivg.train.token_rm import Scored, fit_head, q_last
 
-RECIPE_VERSION = 1  # bump when the training recipe changes, so old builds are not taken for new ones
+RECIPE_VERSION = 2  # bump when the training recipe changes, so old builds are not taken for new ones
+SAMPLES = "samples.jsonl"
+CHECKED_PAIRS = 16  # held-out pairs re-measured on the saved folders
 
 
 @dataclass(frozen=True)
@@ -36,7 +54,7 @@ class GuidePaths:
     tuned: ModelSpec  # folder: DPO-tuned full HF model
     untuned: ModelSpec  # the untuned spec as given (it is not copied)
     explicit: ModelSpec | None  # folder: token reward model, kind token_reward (None: not trained)
-    dir: Path  # the cache folder holding both, with ivg-train.json
+    dir: Path  # the cache folder holding both, with ivg-build.json
 
     def models(self) -> dict:
         return {k: v for k, v in dict(tuned=self.tuned, untuned=self.untuned, explicit=self.explicit).items() if v}
@@ -50,17 +68,35 @@ def describe_gold(gold_spec) -> dict:
     return {"name": str(gold_spec), "kind": "function", "identity": gold_spec}
 
 
-def build_key(config: TrainConfig, gold_spec, prompts: list[str]) -> dict:
-    """Everything that makes the guides: recipe version, models, the gold (spec and weights), settings and
-    the prompts themselves (not `out`)."""
-    return {"recipe": "guides", "version": RECIPE_VERSION, "untuned": dataclasses.asdict(config.untuned),
-            "explicit_init": dataclasses.asdict(config.explicit_init or config.untuned),
-            "gold": describe_gold(gold_spec)["identity"], "settings": dataclasses.asdict(config.settings),
-            "prompts": digest(prompts, 64)}
+def sampling_dtype(spec: ModelSpec) -> str:
+    """The dtype the engine samples the untuned model in (`auto` depends on the machine): part of the key."""
+    from ivg.models import resolve_dtype
+
+    return str(resolve_dtype(spec.dtype, resolve_device(spec.device))).removeprefix("torch.")
+
+
+def samples_key(config: TrainConfig, gold_spec, layout: Layout) -> dict:
+    """Everything the samples depend on: the untuned model (and the dtype it samples in), the gold,
+    the sampling settings, and the prompts themselves."""
+    return {"recipe": "guide-samples", "version": RECIPE_VERSION, "untuned": dataclasses.asdict(config.untuned),
+            "sampling_dtype": sampling_dtype(config.untuned), "gold": describe_gold(gold_spec)["identity"],
+            "settings": dataclasses.asdict(config.settings),
+            "heldout": digest(list(layout.heldout), 64), "train": digest(list(layout.train), 64)}
+
+
+def build_key(config: TrainConfig, gold_spec, layout: Layout) -> dict:
+    """Everything that makes the guides: the samples' key, the DPO and token-RM settings (not `out`)."""
+    return {**samples_key(config, gold_spec, layout), "recipe": "guides",
+            "dpo": dataclasses.asdict(config.dpo),
+            "token_rm": dataclasses.asdict(config.token_rm) if config.token_rm else None}
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name or name).strip("-")[:48] or "model"
+
+
+def _root(config: TrainConfig) -> Path:
+    return Path(config.out).expanduser() if config.out else cache_root() / "guides"
 
 
 def _paths(config: TrainConfig, folder: Path) -> GuidePaths:
@@ -68,85 +104,176 @@ def _paths(config: TrainConfig, folder: Path) -> GuidePaths:
     return GuidePaths(
         tuned=dataclasses.replace(config.untuned, name=str(folder / "tuned"), **folder_spec),
         untuned=config.untuned,
-        explicit=dataclasses.replace(config.explicit_init or config.untuned, name=str(folder / "explicit"),
-                                     kind="token_reward", **folder_spec) if config.settings.token_rm else None,
+        explicit=dataclasses.replace(config.untuned, name=str(folder / "explicit"), kind="token_reward",
+                                     **folder_spec) if config.token_rm else None,
         dir=folder)
 
 
-def train_guides(config: TrainConfig, prompts: list[str], gold: Gold, gold_spec=None, force: bool = False,
-                 log: Callable[[str], None] = print) -> GuidePaths:
-    """Sample, label, train both guides, measure them, save: or reuse the build for this key. `gold` scores
+def train_guides(config: TrainConfig, guide_prompts: list[str], gold: Gold, gold_spec=None,
+                 evaluated: list[str] = (), force: bool = False, log: Callable[[str], None] = print) -> GuidePaths:
+    """Sample, label, train both guides, measure them, save: or reuse the build for this key.
+
+    `guide_prompts`: the prompts after the evaluated ones (held-out first, then training; the layout);
+    `evaluated`: the evaluation prompts, which no training prompt may repeat. `gold` scores
     (prompts, responses); `gold_spec` (default config.gold) says which model that is, for the key: a
     GoldSpec, or a name for a gold function of your own."""
     s = config.settings
     gold_spec = gold_spec or config.gold
     check(gold_spec is not None, "train.gold", "needs a gold reward to label the pairs (or set eval.gold)")
-    check(len(prompts) >= s.n_prompts, "train.settings.n_prompts",
-          f"asks for {s.n_prompts} prompts but only {len(prompts)} were given")
-    prompts = list(prompts[:s.n_prompts])
-    key = build_key(config, gold_spec, prompts)
-    root = Path(config.out).expanduser() if config.out else cache_root() / "guides"
-    folder = root / f"{_slug(config.untuned.name)}-{digest(key)}"
+    layout = guide_layout(list(guide_prompts), list(evaluated), s.heldout_prompts, s.n_prompts)
+    key = build_key(config, gold_spec, layout)
+    folder = _root(config) / f"{_slug(config.untuned.name)}-{digest(key)}"
     if not force and is_built(folder, key):
         log(f"guides: cached {folder}")
-    build_once(folder, key, lambda tmp: _train(config, prompts, gold, gold_spec, tmp, log), force=force)
+    build_once(folder, key, lambda tmp: _train(config, layout, gold, gold_spec, tmp, log, force), force=force)
     return _paths(config, folder)
 
 
-def _train(config: TrainConfig, prompts: list[str], gold: Gold, gold_spec, tmp: Path, log) -> dict:
+def ensure_samples(config: TrainConfig, layout: Layout, gold: Gold, gold_spec, log, force: bool = False) -> Path:
+    """samples.jsonl (one row per response: split, prompt index, pair, side, prompt, response, gold),
+    built once per samples key."""
+    key = samples_key(config, gold_spec, layout)
+    folder = _root(config) / f"samples-{digest(key)}"
+    if not force and is_built(folder, key):
+        log(f"guides: cached samples {folder}")
+        return folder / SAMPLES
     s = config.settings
-    start = time.perf_counter()
-    timings = {}
-    log(f"guides: sampling {s.pairs_per_prompt} pair(s) x {len(prompts)} prompts from {config.untuned.name}")
-    pairs = sample_pairs(config.untuned, prompts, s.pairs_per_prompt, s.max_new_tokens, s.temperature, s.seed, s.stop)
-    labelled = label_pairs(pairs, gold)
-    train, held = split_heldout(labelled, s.heldout, s.seed)
-    if not train:
-        raise ValueError(f"no usable pairs: the gold ({describe_gold(gold_spec)['name']}) tied or a response was empty in all {len(pairs)}")
-    with open(tmp / "pairs.jsonl", "w") as f:
-        for split, rows in (("train", train), ("heldout", held)):
-            for x in rows:
-                f.write(json.dumps({**x, "split": split}) + "\n")
-    timings["sample_label_s"] = time.perf_counter() - start
-    log(f"guides: {len(labelled)} labelled pairs ({len(pairs) - len(labelled)} dropped), "
-        f"{len(train)} train / {len(held)} held out")
 
-    untuned = load(config.untuned)
-    rm_init = config.explicit_init or config.untuned
-    rm_view = LoadedModel(rm_init, None, load_tokenizer(rm_init))  # its own prompt view and tokenizer
-    enc = {"train": encode(untuned, train), "heldout": encode(untuned, held)}
-    rm_enc = {"train": encode(rm_view, train), "heldout": encode(rm_view, held)}
+    def build(tmp: Path) -> dict:
+        start, rows = time.perf_counter(), []
+        # (split, prompts, pairs per prompt, first pair): a DPO pair for every training prompt, more
+        # pairs for the token RM's prompts; the held-out prompts on their own random streams (tag)
+        parts = [("heldout", layout.heldout, 1, 0), ("train", layout.train, 1, 0),
+                 ("train", layout.train[:s.rm_prompts], s.rm_responses // 2 - 1, 1)]
+        for split, prompts, n_pairs, first in parts:
+            if not prompts or n_pairs < 1:
+                continue
+            log(f"guides: sampling {n_pairs} pair(s) x {len(prompts)} {split} prompts from {config.untuned.name}")
+            pairs = sample_pairs(config.untuned, list(prompts), n_pairs, s.max_new_tokens, s.temperature, s.seed,
+                                 s.stop, batch=s.batch, tag=split, first_pair=first)
+            for n, scored in enumerate(score_responses(pairs, gold)):
+                pair = n // 2
+                rows.append({"split": split, "i": pair // n_pairs, "pair": first + pair % n_pairs,
+                             "side": "ab"[n % 2], **scored})
+        with open(tmp / SAMPLES, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        return {"responses": len(rows), "seconds": round(time.perf_counter() - start, 1)}
 
+    build_once(folder, key, build, force=force)
+    return folder / SAMPLES
+
+
+def _train(config: TrainConfig, layout: Layout, gold: Gold, gold_spec, tmp: Path, log, force: bool) -> dict:
+    s, d = config.settings, config.dpo
+    start, timings = time.perf_counter(), {}
+    samples = [json.loads(line) for line in open(ensure_samples(config, layout, gold, gold_spec, log, force))]
+    (tmp / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in samples))
+    timings["samples_s"] = time.perf_counter() - start
+
+    # 2. features of every non-empty response, token ids as the engine feeds them
     t = time.perf_counter()
-    log(f"guides: DPO on {len(train)} pairs ({'LoRA r=%d' % s.lora_r if s.lora_r else 'full'})")
-    _, dpo_stats = train_dpo(config.untuned, enc["train"], tmp / "tuned", s, log)
-    timings["dpo_s"] = time.perf_counter() - t
+    untuned = load(dataclasses.replace(config.untuned, dtype="float32"))  # train in float32 whatever it decodes in
+    full, tok = untuned.model, untuned.tokenizer
+    kept = [r for r in samples if r["response"]]
+    prompt_view = {p: prompt_ids(untuned, p) for p in {r["prompt"] for r in kept}}
+    examples = [(prompt_view[r["prompt"]], tok(r["response"], add_special_tokens=False).input_ids) for r in kept]
+    kept, examples = zip(*[(r, e) for r, e in zip(kept, examples) if e[1]]) if examples else ((), ())
+    cut = None if d.layers is None else full.config.num_hidden_layers - d.layers
+    log(f"guides: features of {len(kept)} responses (float32{'' if cut is None else f', layer {cut} states'})")
+    feats = featurize(full, list(examples), cut=cut, batch=max(1, s.batch // 4), log=log)
+    by = {(r["split"], r["i"], r["pair"], r["side"]): Scored(f, r["gold"]) for r, f in zip(kept, feats)}
+    timings["features_s"] = time.perf_counter() - t
 
+    heldout = pairs_of(by, "heldout", range(len(layout.heldout)))
+    check(len(heldout) > 0, "train.settings.heldout_prompts", "no held-out pair is usable (all ties or empty)")
+    n_val = d.val_prompts
+    check(n_val < s.n_prompts, "train.dpo.val_prompts", f"must be < n_prompts ({s.n_prompts})")
+    train_pairs = [p for p in pairs_of(by, "train", range(s.n_prompts - n_val)) if p.margin >= d.min_margin]
+    val_pairs = pairs_of(by, "train", range(s.n_prompts - n_val, s.n_prompts))
+    check(len(train_pairs) > 0, "train.settings.n_prompts", "no usable training pair (all ties, empty, or below min_margin)")
+    metrics = {"heldout_pairs": len(heldout), "dpo_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
+
+    # 3. DPO -> the tuned model
+    t = time.perf_counter()
+    log(f"guides: DPO on {len(train_pairs)} pairs ({'top %d layers' % d.layers if d.layers else 'every layer'}), "
+        f"{len(val_pairs)} validation pairs")
+    policy, dpo_stats = train_dpo(full, train_pairs, val_pairs, d, log)
+    metrics["implicit"] = {"heldout": pair_accuracy(implicit_rewards(policy, heldout)),
+                           "train": pair_accuracy(implicit_rewards(policy, train_pairs[:len(heldout)])),
+                           "validation": dpo_stats["kept_val_accuracy"]}
+    checked = heldout[:CHECKED_PAIRS]
+    implicit_checked = implicit_rewards(policy, checked)
+    save_model(policy.merged_into(copy.deepcopy(full)), tok, tmp / "tuned")
+    timings["dpo_s"] = time.perf_counter() - t
+    del policy
+
+    # 4. the token RM
     rm_stats = None
-    if s.token_rm:
+    if config.token_rm is not None:
         t = time.perf_counter()
-        log(f"guides: token RM on {2 * len(train)} responses")
-        _, rm_stats = train_token_rm(rm_init, rm_enc["train"], tmp / "explicit", s, log)
+        groups = [[by[k] for k in group_keys(i, s.rm_responses) if k in by] for i in range(s.rm_prompts)]
+        log(f"guides: token RM head on {sum(map(len, groups))} responses to {len(groups)} prompts")
+        W, rm_stats = fit_head(groups, full.config.vocab_size, config.token_rm, log)
+        rm = copy.deepcopy(full)
+        with torch.no_grad():
+            attach_q_head(rm).weight.copy_(torch.from_numpy(W))
+        save_model(rm, tok, tmp / "explicit")
+        del rm
+        Wt = torch.from_numpy(W)
+        rm_train = [(q_last(Wt, p.chosen), q_last(Wt, p.rejected)) for p in pairs_of(by, "train", range(s.rm_prompts))]
+        metrics["token_rm"] = {"heldout": accuracy([(q_last(Wt, p.chosen), q_last(Wt, p.rejected)) for p in heldout]),
+                               "train": accuracy(rm_train)}
         timings["token_rm_s"] = time.perf_counter() - t
 
-    # Gold accuracy, measured on the saved folders as the engine will load them.
+    # 5. the saved folders, loaded as the engine loads them, give the same values
     t = time.perf_counter()
-    paths = _paths(config, tmp)
-    tuned, rm = load(paths.tuned), (load(paths.explicit) if s.token_rm else None)
-    metrics = {}
-    for split, rows in enc.items():
-        lt, lu = pair_values(tuned.model, rows, "logp"), pair_values(untuned.model, rows, "logp")
-        implicit = [(ct - cu, rt - ru) for (ct, rt), (cu, ru) in zip(lt, lu)]
-        metrics[split] = {"pairs": len(rows), "implicit_accuracy": accuracy(implicit),
-                          "token_rm_accuracy": accuracy(pair_values(rm.model, rm_enc[split], "q")) if rm else None,
-                          "implicit_margin": (sum(c - r for c, r in implicit) / len(implicit)) if implicit else None}
-    timings["eval_s"] = time.perf_counter() - t
+    metrics["checked"] = check_saved(config, tmp, checked, full, implicit_checked,
+                                     Wt if config.token_rm is not None else None)
+    timings["check_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
-    log(f"guides: gold accuracy {json.dumps(metrics)}")
+    log(f"guides: held-out accuracy (n={len(heldout)}) implicit {metrics['implicit']['heldout']:.3f}"
+        + (f", token RM {metrics['token_rm']['heldout']:.3f}" if rm_stats else ""))
 
-    record = {"config": dataclasses.asdict(config), "gold": describe_gold(gold_spec), "n_prompts": len(prompts),
-              "pairs_sampled": len(pairs), "pairs_labelled": len(labelled), "dpo": dpo_stats,
-              "token_rm": rm_stats, "metrics": metrics, "timings": timings}
+    record = {"config": dataclasses.asdict(config), "gold": describe_gold(gold_spec),
+              "prompts": {"heldout": len(layout.heldout), "train": len(layout.train)},
+              "responses": len(samples), "usable_responses": len(kept), "dpo": dpo_stats, "token_rm": rm_stats,
+              "metrics": metrics, "timings": {k: round(v, 1) for k, v in timings.items()}}
     write_cards(tmp, record)
     log(f"guides: trained in {timings['total_s']:.0f}s")
     return record
+
+
+def group_keys(i: int, responses: int) -> list[tuple]:
+    return [("train", i, j // 2, "ab"[j % 2]) for j in range(responses)]
+
+
+def pairs_of(by: dict, split: str, prompts) -> list[Pair]:
+    """The first sampled pair of each prompt, ordered by gold; ties, empty and identical responses dropped."""
+    out = []
+    for i in prompts:
+        a, b = by.get((split, i, 0, "a")), by.get((split, i, 0, "b"))
+        if a is None or b is None or a.gold == b.gold or a.features.response_ids == b.features.response_ids:
+            continue
+        chosen, rejected = (a, b) if a.gold > b.gold else (b, a)
+        out.append(Pair(chosen.features, rejected.features, chosen.gold - rejected.gold))
+    return out
+
+
+def check_saved(config: TrainConfig, folder: Path, pairs: list[Pair], full, implicit, W) -> dict:
+    """The saved guides on a few held-out pairs, loaded as the engine loads them (in float32), against
+    the values measured from the features: the largest difference of each value."""
+    paths = _paths(config, folder)
+    enc = [{"prompt_ids": p.chosen.prompt_ids, "chosen_ids": p.chosen.response_ids,
+            "rejected_ids": p.rejected.response_ids} for p in pairs]
+    f32 = lambda spec: load(dataclasses.replace(spec, dtype="float32")).model
+    lt, lu = pair_values(f32(paths.tuned), enc, "logp"), pair_values(full, enc, "logp")
+    out = {"pairs": len(pairs), "implicit_gap": max_gap([(ct - cu, rt - ru) for (ct, rt), (cu, ru) in zip(lt, lu)], implicit)}
+    if W is not None:
+        q = pair_values(f32(paths.explicit), enc, "q")
+        out["token_rm_gap"] = max_gap(q, [(q_last(W, p.chosen), q_last(W, p.rejected)) for p in pairs])
+    return out
+
+
+def max_gap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    return float(max(abs(x - y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))) if a else 0.0

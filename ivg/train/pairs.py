@@ -5,7 +5,6 @@ view (`ivg.models.prompt_ids`: its template, its special tokens) followed by the
 alone, no EOS appended (the implicit value sums over response tokens; the search scores prefixes).
 """
 
-import random
 from typing import Callable
 
 import torch
@@ -18,15 +17,19 @@ Gold = Callable[[list[str], list[str]], list[float]]  # (prompts, responses) -> 
 
 
 def sample_pairs(untuned: ModelSpec, prompts: list[str], n_pairs: int, max_new_tokens: int,
-                 temperature: float, seed: int, stop: tuple[str, ...] = (), batch: int = 64) -> list[dict]:
-    """n_pairs pairs of responses per prompt, plain sampling from the untuned model.
+                 temperature: float, seed: int, stop: tuple[str, ...] = (), batch: int = 64,
+                 tag: str = "", first_pair: int = 0) -> list[dict]:
+    """Pairs first_pair .. first_pair + n_pairs - 1 of responses per prompt, plain sampling from the
+    untuned model, in prompt order.
 
-    The engine seeds each row from (seed, row id), so a pair is the same whatever the batch it runs in."""
+    The engine seeds each row from (seed, row id), the id being `tag/prompt index/pair/side`, so a pair
+    is the same whatever the batch it runs in or the other pairs sampled with it; another `tag` (the
+    held-out prompts) gives other random streams for the same seed."""
     config = GenerationConfig(models=Models(base=untuned), seed=seed,
                               decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop))
     engine = Engine.local(config)
-    rows = [{"id": f"{i}/{j}/{side}", "prompt": p}
-            for i, p in enumerate(prompts) for j in range(n_pairs) for side in "ab"]
+    rows = [{"id": f"{tag}/{i}/{j}/{side}", "prompt": p}
+            for i, p in enumerate(prompts) for j in range(first_pair, first_pair + n_pairs) for side in "ab"]
     out = []
     for start in range(0, len(rows), batch):
         out += engine.run(rows[start:start + batch], MethodConfig())
@@ -50,6 +53,16 @@ def label_pairs(pairs: list[dict], gold: Gold) -> list[dict]:
         chosen, rejected = (p["a"], p["b"]) if sa > sb else (p["b"], p["a"])
         out.append({"prompt": p["prompt"], "chosen": chosen, "rejected": rejected, "margin": abs(sa - sb)})
     return out
+
+
+def score_responses(pairs: list[dict], gold: Gold) -> list[dict]:
+    """Every response of the sampled pairs with its gold score: {prompt, response, gold}, a before b."""
+    prompts = [p["prompt"] for p in pairs for _ in "ab"]
+    responses = [p[side] for p in pairs for side in "ab"]
+    scores = gold(prompts, responses)
+    if len(scores) != len(responses):
+        raise ValueError(f"the gold returned {len(scores)} scores for {len(responses)} responses")
+    return [{"prompt": p, "response": r, "gold": float(g)} for p, r, g in zip(prompts, responses, scores)]
 
 
 def encode(loaded, labelled: list[dict]) -> list[dict]:
@@ -104,13 +117,3 @@ def pair_values(model, encoded: list[dict], kind: str, batch: int = 16) -> list[
 def accuracy(values: list[tuple[float, float]]) -> float | None:
     """How often the values order a pair as the gold does (a tie counts as wrong)."""
     return sum(c > r for c, r in values) / len(values) if values else None
-
-
-def split_heldout(labelled: list[dict], heldout: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out whole prompts (a prompt's pairs share a context: splitting them would leak)."""
-    prompts = sorted({x["prompt"] for x in labelled})
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[:round(heldout * len(prompts))])
-    return [x for x in labelled if x["prompt"] not in held], [x for x in labelled if x["prompt"] in held]
-
-

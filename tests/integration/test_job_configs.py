@@ -61,7 +61,7 @@ def test_paper_settings_configs_use_the_papers_search():
     cbs = [m for m in paper.methods if m.chunk != "none"]
     assert {(m.W, m.K, m.L) for m in cbs if m.W > 1} == {(4, 4, 5)}
     assert all(m.finished == "repeat" and m.score_eos and m.beta_chunk == 1.0 for m in cbs)
-    assert paper.planned_models().explicit.kind == "token_reward" and paper.train.settings.token_rm
+    assert paper.planned_models().explicit.kind == "token_reward" and paper.train.token_rm is not None
     alpaca = from_dict(Config, shipped("alpaca"), "config")
     assert (alpaca.decode.top_k, alpaca.decode.max_new_tokens) == (50, "auto")
     assert all(m.finished == "repeat" for m in alpaca.methods if m.chunk != "none")

@@ -1,5 +1,6 @@
-"""The main job end to end on tiny models: prompts, guide training, probe, generate on Ray, evaluate."""
+"""The main job end to end on tiny models: prompts, guide training, generate on Ray, evaluate."""
 
+import json
 import os
 import subprocess
 import sys
@@ -30,19 +31,18 @@ def test_main_job_runs_every_stage_and_reruns_from_cache(tmp_path):
     pd.DataFrame({"id": [f"s{i}" for i in range(60)], "text": texts,
                   "label": [int(words[i % 6] in ("good", "great", "fine")) for i in range(60)]}
                  ).to_parquet(tmp_path / "snippets.parquet")
-    untuned = folder("tiny:untuned", tmp_path / "untuned")
+    untuned = folder("tiny-b:untuned", tmp_path / "untuned")  # a Llama body: DPO trains its top layer
     config = {
         "experiment": {
             "assets": [],
-            "prompts": {"path": str(tmp_path / "snippets.parquet"), "column": "text", "prefix_words": 3,
-                        "train_n": 8, "n": 6},
-            "explicit_probe": {"body": {"name": untuned}, "path": str(tmp_path / "snippets.parquet"),
-                               "settings": {"n": 40}},
+            "prompts": {"path": str(tmp_path / "snippets.parquet"), "column": "text", "prefix_words": 4,
+                        "skip": 2, "n": 6},
         },
         "train": {"untuned": {"name": untuned},
-                  "settings": {"n_prompts": 8, "max_new_tokens": 6, "batch_size": 4, "token_rm": False}},
+                  "settings": {"n_prompts": 8, "rm_prompts": 8, "heldout_prompts": 4, "max_new_tokens": 6},
+                  "dpo": {"layers": 1, "epochs": 1, "batch_size": 4, "lr": 1e-3}},
         "run": {"name": "tiny-main"},
-        "models": {"base": {"name": folder("tiny:base", tmp_path / "base"), "template": "Review: {prompt}"}},
+        "models": {"base": {"name": folder("tiny-b:base", tmp_path / "base"), "template": "Review: {prompt}"}},
         "decode": {"max_new_tokens": 6},
         "methods": [{"name": "base"}, {"name": "ivg", "token": "implicit", "chunk": "explicit", "W": 2, "K": 2, "L": 3}],
         "pipeline": {"placement": "colocated", "search_actors": 1, "shard_size": 4,
@@ -59,12 +59,18 @@ def test_main_job_runs_every_stage_and_reruns_from_cache(tmp_path):
     assert list(summary.index) == ["base", "ivg"] and (summary["n_ok"] == 6).all()
     assert summary.loc["ivg", "model_tokens_explicit"] > 0 and summary.loc["ivg", "model_tokens_implicit"] > 0
     assert (tmp_path / "run" / "report.md").is_file() and "[done]" in first.stdout
-    assert list((tmp_path / "cache" / "guides").glob("*/tuned")) and list((tmp_path / "cache" / "probes").glob("*/probe.json"))
+    [guides] = (tmp_path / "cache" / "guides").glob("*/tuned/card.json")
+    assert json.loads(guides.read_text())["heldout"]["pairs"] >= 1
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["models"]["explicit"]["kind"] == "token_reward"  # the token RM is the explicit value
+    evaluated = {json.loads(line)["prompt"] for line in open(tmp_path / "run" / "prompts.jsonl")}
+    samples = [json.loads(line) for line in open(guides.parent.parent / "samples.jsonl")]
+    assert len(evaluated) == 6 and not evaluated & {r["prompt"] for r in samples if r["split"] == "train"}
 
     shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "shards").glob("*.parquet")}
     again = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "guides: cached" in again.stdout and "probe: cached" in again.stdout
+    assert "guides: cached" in again.stdout
     assert len(shards) == 2 and {p: p.stat().st_mtime_ns for p in shards} == shards  # nothing recomputed
     assert pd.read_parquet(tmp_path / "run" / "summary.parquet")["gold_mean"].tolist() == summary["gold_mean"].tolist()
 

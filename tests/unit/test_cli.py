@@ -247,12 +247,12 @@ def test_run_dry_run_checks_the_prompt_table_and_trains_nothing(tmp_path, capsys
     pd.DataFrame({"id": [f"s{i}" for i in range(10)], "text": [f"the film number {i} was fine" for i in range(10)]}
                  ).to_parquet(tmp_path / "t.parquet")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-        "experiment": {"prompts": {"path": str(tmp_path / "t.parquet"), "column": "text", "train_n": 4, "n": 5}},
+        "experiment": {"prompts": {"path": str(tmp_path / "t.parquet"), "column": "text", "skip": 4, "n": 5}},
         "models": {"base": {"name": "tiny:base"}}, "eval": {"gold": {"name": "vader", "kind": "vader"}}}))
     assert ivg("run", "--config", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out"), "--dry-run") == 0
-    assert "10 usable rows: 4 for training, 5 evaluated" in capsys.readouterr().err
+    assert "10 usable rows: 4 skipped, 5 evaluated, 1 after them for the guides" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    assert "experiment.prompts.n: train_n + n = 12 > 10 prompts" in user_error(
+    assert "experiment.prompts.n: skip + n = 12 > 10 prompts" in user_error(
         capsys, "run", "--config", str(tmp_path / "c.yaml"), "--dry-run", "experiment.prompts.n=8")
 
 
