@@ -83,7 +83,8 @@ def write_cards(folder: Path, record: dict) -> None:
             f"state on the response's win fraction among the {s['responses']} responses to its prompt, each sequence "
             f"weighted equally: FUDGE's per-token BCE with one row shared by all tokens ({t['sequences']} responses, "
             f"{t['positions']} positions).\n"
-            f"2. W[a] = w + b_a c, c a direction with h . c ~ 1 ({t['h_dot_c_mean']:.4f} +- {t['h_dot_c_std']:.4f}), b_a the mean value increment after token a shrunk by {r['shrink']} pseudo-counts "
+            f"2. W[a] = w + b_a c, c a direction with h . c ~ 1 ({t['h_dot_c_mean']:.4f} +- {t['h_dot_c_std']:.4f}), "
+            f"b_a the mean value increment after token a shrunk by {r['shrink']} pseudo-counts "
             f"({t['tokens_seen']} tokens seen; an unseen token has b_a = 0: neutral token-wise); "
             f"{record['timings']['token_rm_s']:.0f}s.\n")
     for role, text in cards.items():

@@ -6,7 +6,7 @@ There is no tuned/untuned pair offline, so we make one from the untuned model it
              held-out layout, ivg/train/layout.py), each scored by the gold (cached on its own: a
              change of the DPO or token-RM settings does not sample again)
 2. features  one float32 forward of the untuned model over every response (ivg/train/features.py)
-3. tuned     DPO on each training prompt's first pair, the top layers only (ivg/train/dpo.py)
+3. tuned     DPO on each training prompt's responses ranked by gold, the top layers only (ivg/train/dpo.py)
 4. explicit  the token RM: the untuned body + a fitted head (ivg/train/token_rm.py)
 5. measured  both values on the held-out pairs, from the features (exact), and the saved folders
              checked to give the same values when loaded as the engine loads them
