@@ -11,9 +11,9 @@
 The config is a generate config (pipeline/config.py) whose `experiment:` section says which assets to
 fetch, where prompts come from and (optionally) which reward probe becomes models.explicit, and whose
 `train:` section trains the guides (ivg/train/) on the prompts after the evaluated ones: the trained
-folders become models.tuned/untuned (and models.explicit, the token reward model, unless
-`train.token_rm: null`). The resolved config written
-with the run records every section, so a run says how its guides and probe were made.
+folders become models.tuned/untuned and models.explicit (the token reward model, unless
+`train.token_rm: null` or a probe is asked for), wherever `models:` leaves them empty. The resolved
+config written with the run records every section, so a run says how its guides and probe were made.
 """
 
 import dataclasses
@@ -185,8 +185,10 @@ def prepare(data: dict, out: Path, log):
         paths = train_guides(train, guide_prompts, GoldScorer(label_with).score, label_with, evaluated,
                              log=lambda m: log(f"[guides] {m}", flush=True))
         log(f"[guides] ready in {time.perf_counter() - start:.0f}s", flush=True)
-        models.update({role: dataclasses.asdict(spec) for role, spec in paths.models().items()})
-    if experiment.explicit_probe is not None:
+        # the trained guides fill the roles the config leaves empty (as Config.planned_models says)
+        models.update({role: dataclasses.asdict(spec) for role, spec in paths.models().items()
+                       if data["models"].get(role) is None})
+    if experiment.explicit_probe is not None and data["models"].get("explicit") is None:
         from ivg.train.probe import ensure_probe
 
         start = time.perf_counter()

@@ -243,13 +243,14 @@ class Config:
         """The models once training has filled them: a trained tuned model and the probe or token RM stand
         in (by name only) where the config leaves them to `train` and `experiment.explicit_probe`."""
         m = self.models
+        # the probe, when asked for, is the explicit value (jobs.run fits it after training the guides)
+        if self.experiment is not None and self.experiment.explicit_probe is not None and m.explicit is None:
+            m = dataclasses.replace(m, explicit=ModelSpec("<fitted by experiment.explicit_probe>", kind="classifier"))
         if self.train is not None and m.tuned is None:
             m = dataclasses.replace(m, tuned=dataclasses.replace(self.train.untuned, name="<trained by train:>"),
                                     untuned=self.train.untuned)
             if self.train.token_rm is not None and m.explicit is None:
                 m = dataclasses.replace(m, explicit=ModelSpec("<trained by train:>", kind="token_reward"))
-        if self.experiment is not None and self.experiment.explicit_probe is not None and m.explicit is None:
-            m = dataclasses.replace(m, explicit=ModelSpec("<fitted by experiment.explicit_probe>", kind="classifier"))
         return m
 
     def needs_training(self) -> list[str]:

@@ -6,7 +6,7 @@ reward model and a reward probe (explicit values). Needs the `train` extra (scik
   pairs.py       sample responses from the untuned model, score them by the gold, measure a value's accuracy
   features.py    one float32 forward of the untuned model over every response (reference log-probs, states)
   top_layers.py  fine-tuning only the top layers, fed the cached states below them (exact)
-  dpo.py         DPO with early stopping on validation pairs -> the tuned model
+  dpo.py         DPO in its ranking form over each prompt's responses (optional early stopping) -> the tuned model
   token_rm.py    the token reward model: frozen body + fitted head W[a] = w + b_a c
   heads.py       the Q head, saving
   guides.py      all of it, built once per key into the cache, with model cards (cards.py)

@@ -24,12 +24,13 @@ def card_data(record: dict, role: str) -> dict:
               "data": {"untuned": c["untuned"]["name"], "settings": c["settings"], "prompts": record["prompts"],
                        "responses": record["responses"], "usable_responses": record["usable_responses"],
                        "samples": "../samples.jsonl"},
-              "checked_against_saved_folder": m["checked"]}
+              "checked_against_saved_folder": m["checked"], "timings_s": record["timings"]}
     if role == "tuned":
         return {"guide": "tuned", "value": "implicit: sum_t log pi_tuned - log pi_untuned",
                 "load": {"name": "<this folder>", "kind": "causal_lm", "template": c["untuned"]["template"]},
-                "untuned": c["untuned"]["name"], "training": {"method": "DPO (sigmoid loss)", **c["dpo"],
-                "pairs": m["dpo_pairs"], "validation_pairs": m["val_pairs"], **record["dpo"]},
+                "untuned": c["untuned"]["name"], "training": {"method": "DPO, ranking (Plackett-Luce) form", **c["dpo"],
+                "prompts": m["dpo_prompts"], "responses": m["dpo_responses"], "validation_pairs": m["val_pairs"],
+                **record["dpo"]},
                 "train_accuracy": m["implicit"]["train"], **common}
     return {"guide": "explicit", "value": "token reward model Q(s, a); chunk-level: Q at the last token",
             "load": {"name": "<this folder>", "kind": "token_reward", "template": c["untuned"]["template"]},
@@ -45,8 +46,8 @@ def write_cards(folder: Path, record: dict) -> None:
             f"`{record['gold']['name']}` ({record['gold']['kind']}).\n"
             f"- held out: {record['prompts']['heldout']} prompts, one pair each ({m['heldout_pairs']} usable: ties and "
             "empty responses dropped), right after the evaluated prompts; never trained on.\n"
-            f"- training: {s['n_prompts']} prompts (openings repeating an evaluated or held-out one dropped), one pair "
-            f"each; the first {s['rm_prompts']} have {s['rm_responses']} responses in all.\n"
+            f"- training: {s['n_prompts']} prompts (openings repeating an evaluated or held-out one dropped), "
+            f"{s['responses']} responses each.\n"
             "- exact samples: `../samples.jsonl`; every setting: `../ivg-build.json`; this card as data: `card.json`.\n")
     heldout = (f"## Held-out gold accuracy (n = {m['heldout_pairs']} pairs)\n{ACCURACY_NOTE}\n\n"
                f"- implicit value (this DPO pair): {_pct(m['implicit']['heldout'])}\n"
@@ -59,15 +60,15 @@ def write_cards(folder: Path, record: dict) -> None:
         "start as the implicit value sum_t (log pi_tuned - log pi_untuned).\n"
         f"Load: `ModelSpec(<this folder>, kind='causal_lm', template={c['untuned']['template']!r})`; a plain HF "
         "causal LM (safetensors).\n\n"
-        f"{heldout}- implicit value on {min(m['dpo_pairs'], m['heldout_pairs'])} of its training pairs: "
-        f"{_pct(m['implicit']['train'])}\n\n"
+        f"{heldout}- implicit value on the first pairs of its training prompts: {_pct(m['implicit']['train'])}\n\n"
         f"## Data\n{data}\n"
-        f"## Training\nDPO sigmoid loss, beta={d['beta']}, AdamW lr={d['lr']} (constant), batch={d['batch_size']} pairs, "
-        f"{m['dpo_pairs']} pairs (gold margin >= {d['min_margin']}), up to {d['epochs']} epochs, {layers}; "
-        f"validation on {m['val_pairs']} pairs of {d['val_prompts']} held-back training prompts every "
+        f"## Training (ivg/train/dpo.py)\nDPO in its ranking form (Plackett-Luce over each prompt's responses ranked "
+        f"by gold; for two responses the sigmoid loss): {m['dpo_responses']} responses to {m['dpo_prompts']} prompts, "
+        f"beta={d['beta']}, AdamW lr={d['lr']} (constant), {d['batch_size']} prompts a step, {d['epochs']} epoch(s), "
+        f"{layers}; " + (f"validation on {m['val_pairs']} pairs of {d['val_prompts']} held-back training prompts every "
         f"{d['eval_every'] or 'epoch'} steps, the best kept (step {dpo['kept_step']} of {dpo['steps']}, validation "
-        f"accuracy {_pct(dpo['kept_val_accuracy'])}); loss {dpo['loss_first']:.4f} -> {dpo['loss_last']:.4f}; "
-        f"{record['timings']['dpo_s']:.0f}s.\n")}
+        f"accuracy {_pct(dpo['kept_val_accuracy'])}); " if d['val_prompts'] else f"{dpo['steps']} steps; ")
+        + f"loss {dpo['loss_first']:.4f} -> {dpo['loss_last']:.4f}; {record['timings']['dpo_s']:.0f}s.\n")}
     if record["token_rm"]:
         r, t = c["token_rm"], record["token_rm"]
         cards["explicit"] = (
@@ -79,10 +80,11 @@ def write_cards(folder: Path, record: dict) -> None:
             f"## Data\n{data}\n"
             "## Training (ivg/train/token_rm.py)\n"
             f"1. w: logistic regression (C={r['C']}, standardised states) of every response position's final hidden "
-            f"state on the response's win fraction among the {s['rm_responses']} responses to its prompt, each sequence "
+            f"state on the response's win fraction among the {s['responses']} responses to its prompt, each sequence "
             f"weighted equally: FUDGE's per-token BCE with one row shared by all tokens ({t['sequences']} responses, "
             f"{t['positions']} positions).\n"
-            f"2. W[a] = w + b_a c, c a direction with h . c ~ 1 ({t['h_dot_c_mean']:.4f} +- {t['h_dot_c_std']:.4f}), b_a the mean value increment after token a shrunk by {r['shrink']} pseudo-counts "
+            f"2. W[a] = w + b_a c, c a direction with h . c ~ 1 ({t['h_dot_c_mean']:.4f} +- {t['h_dot_c_std']:.4f}), "
+            f"b_a the mean value increment after token a shrunk by {r['shrink']} pseudo-counts "
             f"({t['tokens_seen']} tokens seen; an unseen token has b_a = 0: neutral token-wise); "
             f"{record['timings']['token_rm_s']:.0f}s.\n")
     for role, text in cards.items():

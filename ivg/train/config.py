@@ -13,11 +13,11 @@ class TrainSettings:
 
     The prompts come in the held-out layout (ivg/train/layout.py): the first `heldout_prompts` guide
     prompts give one pair each to measure both values on and are never trained on; the next
-    `n_prompts` (openings repeating an evaluated or held-out one dropped) are the training prompts."""
+    `n_prompts` (openings repeating an evaluated or held-out one dropped) are the training prompts,
+    `responses` each, which both guides learn from: DPO ranks them, the token RM fits their win fractions."""
 
-    n_prompts: int = 512  # training prompts, one sampled pair each: DPO's pairs
-    rm_prompts: int = 512  # the first rm_prompts of them get rm_responses in all: the token RM's groups
-    rm_responses: int = 4  # responses per token-RM prompt (even; the first two are the DPO pair)
+    n_prompts: int = 512  # training prompts
+    responses: int = 4  # sampled per training prompt (even: sampled in pairs)
     heldout_prompts: int = 250  # one pair each, never trained on: the held-out accuracy of both values
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling: 1.0 = the untuned policy itself
@@ -27,26 +27,24 @@ class TrainSettings:
 
     def __post_init__(self):
         w = "train.settings"
-        for name in ("n_prompts", "rm_responses", "max_new_tokens", "batch"):
+        for name in ("n_prompts", "responses", "max_new_tokens", "batch"):
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{w}.{name}", "must be an integer >= 1")
-        for name in ("rm_prompts", "heldout_prompts"):
-            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"{w}.{name}", "must be an integer >= 0")
-        check(self.rm_prompts <= self.n_prompts, f"{w}.rm_prompts", f"must be <= n_prompts ({self.n_prompts}): they are the first of them")
-        check(self.rm_responses % 2 == 0, f"{w}.rm_responses", "must be even (responses are sampled in pairs)")
+        check(isinstance(self.heldout_prompts, int) and self.heldout_prompts >= 0, f"{w}.heldout_prompts",
+              "must be an integer >= 0")
+        check(self.responses % 2 == 0, f"{w}.responses", "must be even (responses are sampled in pairs)")
         check(self.temperature > 0, f"{w}.temperature", "must be > 0: a pair of greedy samples is one response twice")
         check(all(isinstance(s, str) and s for s in self.stop), f"{w}.stop", "must be a list of non-empty strings")
 
 
 @dataclass(frozen=True)
 class DPOSettings:
-    """The implicit value: DPO on the sampled pairs (ivg/train/dpo.py)."""
+    """The implicit value: DPO on each training prompt's responses ranked by gold (ivg/train/dpo.py)."""
 
     layers: int | None = 8  # train the top k decoder layers, fed cached states (exact); null: every layer
     beta: float = 0.1
     lr: float = 1e-5  # AdamW, constant
     epochs: int = 2
-    batch_size: int = 8  # pairs per step
-    min_margin: float = 0.0  # drop pairs whose gold scores differ by less (near-ties are label noise)
+    batch_size: int = 4  # prompts per step (each with all its responses)
     val_prompts: int = 0  # of the training prompts, the last val_prompts validate instead (early stopping)
     eval_every: int = 0  # steps between validations (0: once per epoch)
     patience: int = 0  # stop after this many validations without a better accuracy (0: never stop early)
@@ -63,7 +61,6 @@ class DPOSettings:
         for name in ("beta", "lr"):
             value = getattr(self, name)
             check(math.isfinite(value) and value > 0, f"{w}.{name}", "must be a positive number")
-        check(math.isfinite(self.min_margin) and self.min_margin >= 0, f"{w}.min_margin", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -94,9 +91,6 @@ class TrainConfig:
         check(self.untuned.kind == "causal_lm", "train.untuned.kind", "must be causal_lm")
         if self.gold is not None:
             self.gold.validate("train.gold")
-        if self.token_rm is not None:
-            check(self.settings.rm_prompts >= 1, "train.settings.rm_prompts",
-                  "must be >= 1 for the token RM (or set train.token_rm: null)")
 
 
 @dataclass(frozen=True)

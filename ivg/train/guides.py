@@ -6,7 +6,7 @@ There is no tuned/untuned pair offline, so we make one from the untuned model it
              held-out layout, ivg/train/layout.py), each scored by the gold (cached on its own: a
              change of the DPO or token-RM settings does not sample again)
 2. features  one float32 forward of the untuned model over every response (ivg/train/features.py)
-3. tuned     DPO on each training prompt's first pair, the top layers only (ivg/train/dpo.py)
+3. tuned     DPO on each training prompt's responses ranked by gold, the top layers only (ivg/train/dpo.py)
 4. explicit  the token RM: the untuned body + a fitted head (ivg/train/token_rm.py)
 5. measured  both values on the held-out pairs, from the features (exact), and the saved folders
              checked to give the same values when loaded as the engine loads them
@@ -35,14 +35,14 @@ from ivg.models import load, prompt_ids, resolve_device
 from ivg.offline.store import build_once, cache_root, digest, is_built
 from ivg.train.cards import write_cards
 from ivg.train.config import TrainConfig
-from ivg.train.dpo import Pair, implicit_rewards, pair_accuracy, train_dpo
+from ivg.train.dpo import Pair, Ranking, implicit_rewards, pair_accuracy, train_dpo
 from ivg.train.features import Features, featurize
 from ivg.train.heads import attach_q_head, save_model
 from ivg.train.layout import Layout, guide_layout
 from ivg.train.pairs import Gold, accuracy, pair_values, sample_pairs, score_responses
 from ivg.train.token_rm import Scored, fit_head, q_last
 
-RECIPE_VERSION = 2  # bump when the training recipe changes, so old builds are not taken for new ones
+RECIPE_VERSION = 3  # bump when the training recipe changes, so old builds are not taken for new ones
 SAMPLES = "samples.jsonl"
 CHECKED_PAIRS = 16  # held-out pairs re-measured on the saved folders
 
@@ -141,20 +141,16 @@ def ensure_samples(config: TrainConfig, layout: Layout, gold: Gold, gold_spec, l
 
     def build(tmp: Path) -> dict:
         start, rows = time.perf_counter(), []
-        # (split, prompts, pairs per prompt, first pair): a DPO pair for every training prompt, more
-        # pairs for the token RM's prompts; the held-out prompts on their own random streams (tag)
-        parts = [("heldout", layout.heldout, 1, 0), ("train", layout.train, 1, 0),
-                 ("train", layout.train[:s.rm_prompts], s.rm_responses // 2 - 1, 1)]
-        for split, prompts, n_pairs, first in parts:
-            if not prompts or n_pairs < 1:
+        # (split, prompts, pairs per prompt); the held-out prompts on their own random streams (tag)
+        for split, prompts, n_pairs in (("heldout", layout.heldout, 1), ("train", layout.train, s.responses // 2)):
+            if not prompts:
                 continue
             log(f"guides: sampling {n_pairs} pair(s) x {len(prompts)} {split} prompts from {config.untuned.name}")
             pairs = sample_pairs(config.untuned, list(prompts), n_pairs, s.max_new_tokens, s.temperature, s.seed,
-                                 s.stop, batch=s.batch, tag=split, first_pair=first)
+                                 s.stop, batch=s.batch, tag=split)
             for n, scored in enumerate(score_responses(pairs, gold)):
                 pair = n // 2
-                rows.append({"split": split, "i": pair // n_pairs, "pair": first + pair % n_pairs,
-                             "side": "ab"[n % 2], **scored})
+                rows.append({"split": split, "i": pair // n_pairs, "pair": pair % n_pairs, "side": "ab"[n % 2], **scored})
         with open(tmp / SAMPLES, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -189,18 +185,22 @@ def _train(config: TrainConfig, layout: Layout, gold: Gold, gold_spec, tmp: Path
     check(len(heldout) > 0, "train.settings.heldout_prompts", "no held-out pair is usable (all ties or empty)")
     n_val = d.val_prompts
     check(n_val < s.n_prompts, "train.dpo.val_prompts", f"must be < n_prompts ({s.n_prompts})")
-    train_pairs = [p for p in pairs_of(by, "train", range(s.n_prompts - n_val)) if p.margin >= d.min_margin]
-    val_pairs = pairs_of(by, "train", range(s.n_prompts - n_val, s.n_prompts))
-    check(len(train_pairs) > 0, "train.settings.n_prompts", "no usable training pair (all ties, empty, or below min_margin)")
-    metrics = {"heldout_pairs": len(heldout), "dpo_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
+    groups = [[by[k] for k in group_keys(i, s.responses) if k in by] for i in range(s.n_prompts)]
+    fit, val = groups[:s.n_prompts - n_val], groups[s.n_prompts - n_val:]
+    rankings = [r for r in map(ranking_of, fit) if r]
+    val_pairs = [p for g in val for p in pairs_within(g)]
+    check(len(rankings) > 0, "train.settings.n_prompts", "no training prompt has two responses the gold orders")
+    metrics = {"heldout_pairs": len(heldout), "dpo_prompts": len(rankings),
+               "dpo_responses": sum(len(r.responses) for r in rankings), "val_pairs": len(val_pairs)}
 
     # 3. DPO -> the tuned model
     t = time.perf_counter()
-    log(f"guides: DPO on {len(train_pairs)} pairs ({'top %d layers' % d.layers if d.layers else 'every layer'}), "
-        f"{len(val_pairs)} validation pairs")
-    policy, dpo_stats = train_dpo(full, train_pairs, val_pairs, d, log)
+    log(f"guides: DPO on {metrics['dpo_responses']} ranked responses to {len(rankings)} prompts "
+        f"({'top %d layers' % d.layers if d.layers else 'every layer'}), {len(val_pairs)} validation pairs")
+    policy, dpo_stats = train_dpo(full, rankings, val_pairs, d, log)
+    train_pairs = pairs_of(by, "train", range(s.n_prompts - n_val))[:len(heldout)]
     metrics["implicit"] = {"heldout": pair_accuracy(implicit_rewards(policy, heldout)),
-                           "train": pair_accuracy(implicit_rewards(policy, train_pairs[:len(heldout)])),
+                           "train": pair_accuracy(implicit_rewards(policy, train_pairs)),
                            "validation": dpo_stats["kept_val_accuracy"]}
     checked = heldout[:CHECKED_PAIRS]
     implicit_checked = implicit_rewards(policy, checked)
@@ -212,7 +212,6 @@ def _train(config: TrainConfig, layout: Layout, gold: Gold, gold_spec, tmp: Path
     rm_stats = None
     if config.token_rm is not None:
         t = time.perf_counter()
-        groups = [[by[k] for k in group_keys(i, s.rm_responses) if k in by] for i in range(s.rm_prompts)]
         log(f"guides: token RM head on {sum(map(len, groups))} responses to {len(groups)} prompts")
         W, rm_stats = fit_head(groups, full.config.vocab_size, config.token_rm, log)
         rm = copy.deepcopy(full)
@@ -221,7 +220,7 @@ def _train(config: TrainConfig, layout: Layout, gold: Gold, gold_spec, tmp: Path
         save_model(rm, tok, tmp / "explicit")
         del rm
         Wt = torch.from_numpy(W)
-        rm_train = [(q_last(Wt, p.chosen), q_last(Wt, p.rejected)) for p in pairs_of(by, "train", range(s.rm_prompts))]
+        rm_train = [(q_last(Wt, p.chosen), q_last(Wt, p.rejected)) for p in pairs_of(by, "train", range(s.n_prompts))]
         metrics["token_rm"] = {"heldout": accuracy([(q_last(Wt, p.chosen), q_last(Wt, p.rejected)) for p in heldout]),
                                "train": accuracy(rm_train)}
         timings["token_rm_s"] = time.perf_counter() - t
@@ -246,6 +245,26 @@ def _train(config: TrainConfig, layout: Layout, gold: Gold, gold_spec, tmp: Path
 
 def group_keys(i: int, responses: int) -> list[tuple]:
     return [("train", i, j // 2, "ab"[j % 2]) for j in range(responses)]
+
+
+def ranking_of(group: list[Scored]) -> Ranking | None:
+    """A prompt's responses best first by gold; one repeating a better one's gold or tokens is left out
+    (a tie orders nothing); None if fewer than two remain."""
+    kept = []
+    for x in sorted(group, key=lambda x: -x.gold):
+        if all(x.gold != y.gold and x.features.response_ids != y.features.response_ids for y in kept):
+            kept.append(x)
+    return Ranking([x.features for x in kept]) if len(kept) >= 2 else None
+
+
+def pairs_within(group: list[Scored]) -> list[Pair]:
+    """Every pair of a prompt's responses the gold orders (ties and identical responses left out)."""
+    ranking = ranking_of(group)
+    if ranking is None:
+        return []
+    gold = {id(x.features): x.gold for x in group}
+    r = ranking.responses
+    return [Pair(a, b, gold[id(a)] - gold[id(b)]) for i, a in enumerate(r) for b in r[i + 1:]]
 
 
 def pairs_of(by: dict, split: str, prompts) -> list[Pair]:

@@ -18,9 +18,8 @@ Gold = Callable[[list[str], list[str]], list[float]]  # (prompts, responses) -> 
 
 def sample_pairs(untuned: ModelSpec, prompts: list[str], n_pairs: int, max_new_tokens: int,
                  temperature: float, seed: int, stop: tuple[str, ...] = (), batch: int = 64,
-                 tag: str = "", first_pair: int = 0) -> list[dict]:
-    """Pairs first_pair .. first_pair + n_pairs - 1 of responses per prompt, plain sampling from the
-    untuned model, in prompt order.
+                 tag: str = "") -> list[dict]:
+    """n_pairs pairs of responses per prompt, plain sampling from the untuned model, in prompt order.
 
     The engine seeds each row from (seed, row id), the id being `tag/prompt index/pair/side`, so a pair
     is the same whatever the batch it runs in or the other pairs sampled with it; another `tag` (the
@@ -29,7 +28,7 @@ def sample_pairs(untuned: ModelSpec, prompts: list[str], n_pairs: int, max_new_t
                               decode=DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop))
     engine = Engine.local(config)
     rows = [{"id": f"{tag}/{i}/{j}/{side}", "prompt": p}
-            for i, p in enumerate(prompts) for j in range(first_pair, first_pair + n_pairs) for side in "ab"]
+            for i, p in enumerate(prompts) for j in range(n_pairs) for side in "ab"]
     out = []
     for start in range(0, len(rows), batch):
         out += engine.run(rows[start:start + batch], MethodConfig())

@@ -11,9 +11,11 @@ not trained by gradient steps through the body (which did not learn on a few hun
 2. The token-wise part: b_a = the mean value increment V(s_<t+1) - V(s_<t) after token a, shrunk
    towards 0 by `shrink` pseudo-counts, added along a direction c on which every state projects to
    about 1 (h . c ~ 1, c by least squares: SmolLM2's normed states have one): W[a] = w + b_a c, so
-   Q(s, a) = V(s) + b_a (h . c) ~ V(s) + b_a, the value after a. Under token-wise guidance z = logits + beta Q(s, .), V(s) shifts every token alike (no
-   effect after the softmax) and b_a favours tokens that raised the value in the data; a token never
-   seen has b_a = 0: neutral. Chunk-level, Q of the last token orders responses like V.
+   Q(s, a) = V(s) + b_a (h . c) ~ V(s) + b_a, the value after a. Under token-wise guidance
+   z = logits + beta Q(s, .), V(s) shifts every token alike (no effect after the softmax) and b_a
+   favours tokens that raised the value in the data; a token never seen has b_a = 0: neutral.
+   Chunk-level, Q of the last token orders responses like V. V keeps the constant offset mean(h) . w
+   (about 0.2 on SmolLM2, against a spread of 0.5), which no ranking sees.
 """
 
 from dataclasses import dataclass

@@ -69,3 +69,18 @@ def test_paper_settings_configs_use_the_papers_search():
     assert all(m.finished == "repeat" and m.score_eos for m in tldr.methods if m.chunk != "none")
     assert tldr.eval.gold.name != tldr.models.explicit.name  # judged by a model that does not guide
     assert tldr.eval.gold.name.replace("6.9b", "1b") == tldr.models.explicit.name  # the same family, larger
+
+
+def test_trained_guides_are_shared_and_the_token_rm_is_the_explicit_value():
+    """The 24-token sentiment configs train the same guides (one cache entry), and their explicit value
+    is the token RM; a reward probe, where asked for, takes its place (as jobs.run fits it last)."""
+    default = from_dict(Config, shipped("sentiment-default"), "config")
+    for name in ("sentiment-paper", "weak-to-strong"):
+        other = from_dict(Config, shipped(name), "config")
+        assert other.train == default.train and other.experiment.prompts == default.experiment.prompts, name
+    for name in ("sentiment-default", "sentiment-paper", "weak-to-strong", "sentiment-full"):
+        assert from_dict(Config, shipped(name), "config").planned_models().explicit.kind == "token_reward", name
+    assert default.train.settings.heldout_prompts >= 200
+    data = shipped("sentiment-default")
+    data["experiment"]["explicit_probe"] = {"body": {"name": "asset:smollm2-135m-instruct"}, "path": "asset:movie-snippets"}
+    assert from_dict(Config, data, "config").planned_models().explicit.kind == "classifier"

@@ -39,7 +39,7 @@ def test_main_job_runs_every_stage_and_reruns_from_cache(tmp_path):
                         "skip": 2, "n": 6},
         },
         "train": {"untuned": {"name": untuned},
-                  "settings": {"n_prompts": 8, "rm_prompts": 8, "heldout_prompts": 4, "max_new_tokens": 6},
+                  "settings": {"n_prompts": 8, "heldout_prompts": 4, "max_new_tokens": 6},
                   "dpo": {"layers": 1, "epochs": 1, "batch_size": 4, "lr": 1e-3}},
         "run": {"name": "tiny-main"},
         "models": {"base": {"name": folder("tiny-b:base", tmp_path / "base"), "template": "Review: {prompt}"}},

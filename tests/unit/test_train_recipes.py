@@ -10,7 +10,7 @@ import torch
 from ivg.config import ConfigError
 from ivg.tiny import tiny_model
 from ivg.train.config import DPOSettings, TokenRMSettings, TrainSettings
-from ivg.train.dpo import Pair, implicit_rewards, pair_accuracy, train_dpo
+from ivg.train.dpo import Pair, Ranking, implicit_rewards, pair_accuracy, ranking_loss, train_dpo
 from ivg.train.features import Features, featurize
 from ivg.train.layout import guide_layout
 from ivg.train.pairs import pair_values
@@ -43,14 +43,14 @@ def test_layout_with_too_few_prompts_names_the_setting():
         guide_layout(["h"], [], heldout_prompts=2, n_prompts=0)
 
 
-@pytest.mark.parametrize("kw,field", [({"rm_prompts": 9, "n_prompts": 8}, "rm_prompts"),
-                                      ({"rm_responses": 3}, "rm_responses"), ({"heldout_prompts": -1}, "heldout_prompts")])
+@pytest.mark.parametrize("kw,field", [({"responses": 3}, "responses"), ({"responses": 0}, "responses"),
+                                      ({"heldout_prompts": -1}, "heldout_prompts")])
 def test_settings_validation_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=rf"train\.settings\.{field}\b"):
         TrainSettings(**kw)
 
 
-@pytest.mark.parametrize("kw,field", [({"layers": 0}, "layers"), ({"lr": 0.0}, "lr"), ({"min_margin": -1.0}, "min_margin"),
+@pytest.mark.parametrize("kw,field", [({"layers": 0}, "layers"), ({"lr": 0.0}, "lr"), ({"beta": float("nan")}, "beta"),
                                       ({"patience": -1}, "patience")])
 def test_dpo_settings_validation_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=rf"train\.dpo\.{field}\b"):
@@ -105,12 +105,45 @@ def dpo_pairs(model, n, seed):
     return [Pair(f[i], f[i + 1], 1.0) for i in range(0, len(f), 2)]
 
 
+def rankings(pairs):
+    return [Ranking([p.chosen, p.rejected]) for p in pairs]
+
+
+def test_ranking_loss_is_plackett_luce_and_dpos_sigmoid_loss_for_two():
+    r = torch.tensor([0.3, -1.2])
+    assert torch.allclose(ranking_loss(r), -torch.nn.functional.logsigmoid(r[0] - r[1]))
+    r = torch.tensor([2.0, 0.5, -0.4, 1.0])
+    e = r.exp()
+    by_hand = -sum(torch.log(e[k] / e[k:].sum()) for k in range(3))
+    assert torch.allclose(ranking_loss(r), by_hand)
+    assert ranking_loss(torch.tensor([3.0, 2.0, 1.0])) < ranking_loss(torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_dpo_learns_a_three_way_ranking():
+    """Responses of low, middle and high token ids, best first: every ordering is learnt, not only the ends."""
+    model, _ = tiny_model("tiny-b:untuned")
+    rng = random.Random(0)
+    def ranked(n):
+        ex = []
+        for _ in range(n):
+            p = [rng.randrange(3, 60) for _ in range(3)]
+            ex += [(p, [rng.randrange(lo, lo + 5) for _ in range(4)]) for lo in (3, 28, 55)]
+        f = featurize(model, ex, cut=1)
+        return [Ranking(f[i:i + 3]) for i in range(0, len(f), 3)]
+    train, val = ranked(32), ranked(16)
+    policy, _ = train_dpo(model, train, [], DPOSettings(layers=1, lr=3e-3, epochs=4, batch_size=4, beta=0.5),
+                          log=lambda _: None)
+    top, bottom = ([Pair(g.responses[i], g.responses[i + 1], 1.0) for g in val] for i in (0, 1))
+    top, bottom = pair_accuracy(implicit_rewards(policy, top)), pair_accuracy(implicit_rewards(policy, bottom))
+    assert min(top, bottom) >= 0.7 and top + bottom >= 1.6, (top, bottom)
+
+
 def test_dpo_learns_the_pairs_and_the_merged_model_is_the_trained_one():
     model, _ = tiny_model("tiny-b:untuned")
     train, val = dpo_pairs(model, 32, 0), dpo_pairs(model, 16, 1)
     before = [p.detach().clone() for p in model.parameters()]
-    policy, stats = train_dpo(model, train, val, DPOSettings(layers=1, lr=3e-3, epochs=4, batch_size=8, beta=0.5, seed=0),
-                              log=lambda _: None)
+    policy, stats = train_dpo(model, rankings(train), val, DPOSettings(layers=1, lr=3e-3, epochs=4, batch_size=8, beta=0.5,
+                                                                       seed=0), log=lambda _: None)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the untuned model is untouched
     assert pair_accuracy(implicit_rewards(policy, val)) >= 0.9 and stats["kept_val_accuracy"] >= 0.9
     tuned = policy.merged_into(tiny_model("tiny-b:untuned")[0])
@@ -125,8 +158,8 @@ def test_early_stopping_keeps_the_best_validated_state():
     model, _ = tiny_model("tiny-b:untuned")
     train = dpo_pairs(model, 16, 0)
     flipped = [Pair(p.rejected, p.chosen, 1.0) for p in dpo_pairs(model, 8, 1)]  # every step makes these worse
-    policy, stats = train_dpo(model, train, flipped, DPOSettings(layers=1, lr=1e-2, epochs=20, batch_size=8,
-                                                                 eval_every=1, patience=3), log=lambda _: None)
+    policy, stats = train_dpo(model, rankings(train), flipped, DPOSettings(layers=1, lr=1e-2, epochs=20, batch_size=8,
+                                                                           eval_every=1, patience=3), log=lambda _: None)
     history = {h["step"]: h["val_accuracy"] for h in stats["history"]}
     assert stats["steps"] == stats["kept_step"] + 3 < 40  # stopped after 3 evaluations without progress
     assert max(history.values()) == history[stats["kept_step"]] == stats["kept_val_accuracy"]
