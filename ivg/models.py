@@ -19,6 +19,7 @@ import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from ivg.attention import use_gqa_attention
 from ivg.config import ModelSpec
 from ivg.tiny import is_tiny, tiny_model, tokenizer_for
 
@@ -124,7 +125,7 @@ def load(spec: ModelSpec, allow_pickle: bool = False, decoding: bool = False) ->
     dtype = resolve_dtype(spec.dtype, device, decoding)
     if is_tiny(spec.name):
         model, tok = tiny_model(spec.name, spec.kind, dtype=dtype, device=device)
-        return LoadedModel(spec, model.to(device), tok)
+        return decoder(LoadedModel(spec, model.to(device), tok), decoding)
     name, kwargs = source(spec)
     cls = AutoModelForSequenceClassification if spec.kind == "classifier" else AutoModelForCausalLM
     # GGUF is not a pickle; otherwise demand safetensors unless pickles are explicitly allowed.
@@ -134,7 +135,14 @@ def load(spec: ModelSpec, allow_pickle: bool = False, decoding: bool = False) ->
     check_memory(name, cls, kwargs, dtype, device)
     safetensors = None if ("gguf_file" in kwargs or allow_pickle) else True
     model = cls.from_pretrained(name, dtype=dtype, use_safetensors=safetensors, **kwargs)
-    return LoadedModel(spec, model.to(device).eval(), load_tokenizer(spec))
+    return decoder(LoadedModel(spec, model.to(device).eval(), load_tokenizer(spec)), decoding)
+
+
+def decoder(loaded: LoadedModel, decoding: bool) -> LoadedModel:
+    """A model that only decodes attends without copying its cache per query head (ivg.attention)."""
+    if decoding:
+        use_gqa_attention(loaded.model)
+    return loaded
 
 
 def refuse_pickle_only(folder: Path) -> None:

@@ -106,7 +106,7 @@ SUITES = {
     "smoke": {"tiny": Workload(4, 2, 0, 1, (1, 4), 2)},
     "quick": {"tiny": Workload(16, 4, 1, 3, (1, 4, 16, 64), 16, ("colocated", "separate"), tuple(CELLS), True, True,
                                3),
-              "smollm2-135m": Workload(2, 1, 0, 1, (), 1, ("colocated", "separate"))},
+              "smollm2-135m": Workload(2, 1, 0, 1, (), 1, ("colocated", "separate"), scaling_repeats=3)},
     "full": {"tiny": Workload(16, 16, 2, 5, (1, 4, 16, 64), 16, ("colocated", "separate"), tuple(CELLS), True, True,
                               5),
              "smollm2-135m": Workload(16, 4, 0, 3, (1, 4, 16), 4, ("colocated", "separate"), tuple(CELLS), False,
