@@ -1,8 +1,10 @@
-"""ivg.attention: masked multi-token GQA on CPU without repeat_kv, with the outputs of transformers' sdpa."""
+"""ivg.attention: masked multi-token GQA on CPU without repeat_kv, with the outputs of transformers' sdpa
+(to rounding: torch.testing's default tolerance per dtype)."""
 
 import pytest
 import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from ivg.attention import NAME
 from ivg.cache import InPlaceCache, cache_kwargs
@@ -29,11 +31,17 @@ def forward_twice(model, impl: str):
     return first, second
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_gqa_attention_equals_sdpa_without_repeating_the_cache(monkeypatch, dtype):
-    model = load(ModelSpec("tiny-b:base", dtype=dtype), decoding=True).model
-    assert model.config._attn_implementation == NAME
-    assert model.config.num_attention_heads > model.config.num_key_value_heads  # a GQA model
+def gqa_model(dtype: torch.dtype):
+    """4 query heads over 2 key/value heads: a wrong head-to-group mapping changes the outputs."""
+    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa_attention_matches_sdpa_without_repeating_the_cache(monkeypatch, dtype):
+    model = gqa_model(dtype)
     repeats = []
     inner = hf_sdpa.repeat_kv
     monkeypatch.setattr(hf_sdpa, "repeat_kv", lambda x, n: repeats.append(n) or inner(x, n))
@@ -43,10 +51,11 @@ def test_gqa_attention_equals_sdpa_without_repeating_the_cache(monkeypatch, dtyp
     got = forward_twice(model, NAME)
     assert not repeats
     for e, g in zip(expected, got):
-        assert torch.equal(e, g)
+        torch.testing.assert_close(g, e)
 
 
 def test_only_decoding_models_switch_attention():
+    assert load(ModelSpec("tiny-b:base"), decoding=True).model.config._attn_implementation == NAME
     assert load(ModelSpec("tiny-b:base"), decoding=False).model.config._attn_implementation == "sdpa"
     assert load(ModelSpec("tiny:base"), decoding=True).model.config._attn_implementation == NAME  # GPT-2: no GQA,
     # so sdpa_gqa hands every call to transformers' sdpa
