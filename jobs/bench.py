@@ -482,13 +482,14 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
         finished = scheduler.finished  # writing a shard's file and the manifest, timed apart
 
         def timed_finished(*args):
+            inside.append(args[1].seconds)  # ShardResult.seconds: the shard's run inside the server
             writes.append(timed(lambda: finished(*args)))
         scheduler.finished = timed_finished
         return timed(scheduler.run)
 
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
              log_to_driver=False)
-    results, writes = {}, []
+    results, writes, inside = {}, [], []
     try:
         for placement in placements:
             actors = 2 if placement == "colocated" else 1
@@ -501,11 +502,13 @@ def measure_pipeline(config: GenerationConfig, rows: list[dict], repeats: int, t
                     ray.get([h.reset_stats.remote() for h in s])
                 # overhead: exactly the engine's batch (one shard of every prompt, one search)
                 writes.clear()
+                inside.clear()
                 pairs = [(timed(run_engine), run_once(pipeline_config(placement, 1, len(rows)), cluster))
                          for _ in range(repeats)]
                 result["engine_s"] = statistics.median(e for e, _ in pairs)
                 result["one_shard_s"] = statistics.median(p for _, p in pairs)
                 result["write_s"] = statistics.median(writes)  # of one_shard_s: the shard's file and manifest
+                result["server_s"] = statistics.median(inside)  # of one_shard_s: the search inside the server
                 log(f"[bench] pipeline {placement}: {result['one_shard_s']:.2f}s vs engine {result['engine_s']:.2f}s")
                 if placement == "separate":
                     search = ray.get(cluster.searchers[0].stats.remote())
