@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from helpers.models import config, rows  # noqa: E402
-from helpers.pipeline import RAY_ENV  # noqa: E402
+from helpers.pipeline import ray_driver  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,15 +41,5 @@ def prompt_rows():
 @pytest.fixture(scope="module")
 def ray_local():
     """One embedded 2-CPU Ray for a test module (starting Ray costs seconds; share it)."""
-    import ray
-
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with ray_driver(address="local", num_cpus=2, include_dashboard=False):
+        yield

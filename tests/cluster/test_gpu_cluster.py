@@ -2,25 +2,19 @@
 puts every role on its own GPU, and each server says loudly that its models run on the CPU."""
 
 import logging
-import os
 
 import pytest
 import ray
 
-from helpers.pipeline import RAY_ENV, read_rows, tiny_config, write_prompts
+from helpers.pipeline import ray_driver, read_rows, tiny_config, write_prompts
 from helpers.reliability import METHODS
 from pipeline.coordinator import generate
 
 
 @pytest.fixture(scope="module")
 def ray_with_gpus():
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
-    ray.init(address="local", num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with ray_driver(address="local", num_cpus=2, num_gpus=3, include_dashboard=False):
+        yield
 
 
 @pytest.mark.timeout(180)

@@ -1,7 +1,10 @@
 """Shared pieces of the pipeline tests: tiny-model configs, prompt files, reading rows back."""
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pyarrow.dataset as pads
 
@@ -14,6 +17,20 @@ PROMPTS = ["the movie was", "a", "I loved this film so much that I", "Plot: two 
            "what a waste of", "The acting", "Honestly, the ending", "Best film of the year:"]
 # auth off: the embedded cluster is private to the test process, and token mode would write ~/.ray
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextmanager
+def ray_driver(**init):
+    """This process as a Ray driver (`ray.init(**init)`, log_to_driver off) with RAY_ENV set, both
+    undone on exit."""
+    import ray
+
+    with mock.patch.dict(os.environ, RAY_ENV):
+        ray.init(log_to_driver=False, **init)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def write_prompts(path: Path, prompts=PROMPTS, extra=None) -> Path:
