@@ -25,7 +25,7 @@ def prompts_and_reference(tmp_path_factory):
 
 
 def run_killing(config, monkeypatch, victim, pid=None, when=lambda cluster: True):
-    """Run `config`; once its first shard is written and `when(cluster)` holds, kill the actor
+    """Run `config`; at the first shard written while `when(cluster)` holds, kill the actor
     `victim(cluster)` so that Ray restarts it. With `pid` (a handle -> pid call), also returns the
     victim's pid before the kill and, at a later shard, after its restart."""
     started = {}
@@ -37,10 +37,11 @@ def run_killing(config, monkeypatch, victim, pid=None, when=lambda cluster: True
         if "cluster" not in started or "shards (" not in line:  # a shard's line, not a phase's ([load] ...)
             return
         handle = victim(started["cluster"])
-        if not killed:  # the first shard is written: the others are mid-search now
-            deadline = time.monotonic() + 30
+        if not killed:  # a shard is written: the others are mid-search now
+            deadline = time.monotonic() + 5
             while not when(started["cluster"]):
-                assert time.monotonic() < deadline, "the moment to kill never came"
+                if time.monotonic() > deadline:  # nothing in flight (the coordinator waits on this call
+                    return  # to start more shards): try again at the next shard's line
             if pid:
                 pids.append(ray.get(pid(handle)))
             ray.kill(handle, no_restart=False)
